@@ -1,0 +1,21 @@
+"""The HTTP edge of mintq: a Flask app factory, routes, schemas and error mapping."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from app.errors import register_error_handlers
+from app.routes import bp
+from mintq.services import Services
+from mintq.settings import Settings
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
+    """Build the API. Settings default to the environment; nothing connects until a request."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    svc = services or Services.from_settings(settings or Settings.from_env())
+    app.extensions["mintq"] = svc
+    register_error_handlers(app)
+    app.register_blueprint(bp)
+    return app

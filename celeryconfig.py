@@ -1,0 +1,41 @@
+"""Celery configuration for mintq workers and beat (loaded by `tasks.celery_app`)."""
+
+import os
+
+broker_url = os.environ.get("CELERY_BROKER_URL") or os.environ.get(
+    "REDIS_URL", "redis://127.0.0.1:6379/0"
+)
+# Task results are not read by anyone: state lives in Postgres.
+task_ignore_result = True
+result_backend = None
+
+task_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+
+# A worker that dies mid-task hands the message back: the tasks are idempotent.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+broker_connection_retry_on_startup = True
+# Everything here talks to the chain: bound every task.
+task_soft_time_limit = 120
+task_time_limit = 180
+# Flower and `celery events` show task names, arguments and progress.
+worker_send_task_events = True
+task_send_sent_event = True
+
+_tick = float(os.environ.get("BEAT_TICK_SECONDS", "1") or 1)
+
+# Beat only ticks; the batch task itself decides, from system_settings on every tick, whether
+# a batch is due. That makes `batch_interval_seconds` hot-reloadable without restarting beat,
+# and a second beat by mistake only adds ticks that find the nonce lock taken.
+beat_schedule = {
+    "process-queue": {
+        "task": "mintq.process_queue",
+        "schedule": _tick,
+        # A tick nobody picked up in time is worthless: the next one is already coming.
+        "options": {"expires": max(_tick * 2, 2.0)},
+    },
+}

@@ -1,0 +1,176 @@
+"""SQLAlchemy 2 models. The schema itself comes from the Alembic migrations."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+QUEUE_STATUSES = ("pending", "processing", "completed", "failed")
+PAYMENT_TYPES = ("custom", "gasless", "x402")
+# signed: written ahead, not yet broadcast; sent: broadcast, waiting for confirmations;
+# confirmed / reverted: final on chain; failed: never mined (its items went back to the queue).
+BATCH_STATUSES = ("signed", "sent", "confirmed", "reverted", "failed")
+
+Uint256 = Numeric(78, 0)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+def _updated_at() -> Mapped[datetime]:
+    # Kept current by the set_updated_at trigger, whoever writes the row.
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class BatchMint(Base):
+    """One batchMint transaction: its nonce, hash, size, gas and fate."""
+
+    __tablename__ = "batch_mints"
+    __table_args__ = (
+        CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
+        UniqueConstraint("nonce"),
+    )
+
+    batch_id: Mapped[uuid.UUID] = _uuid_pk()
+    nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tx_hash: Mapped[str] = mapped_column(String(66), nullable=False, unique=True)
+    raw_tx: Mapped[str] = mapped_column(Text, nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    gas_limit: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    max_fee_per_gas: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    max_priority_fee_per_gas: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="signed")
+    gas_used: Mapped[int | None] = mapped_column(BigInteger)
+    block_number: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MintQueueItem(Base):
+    """A paid mint request, from intake until it is completed or failed."""
+
+    __tablename__ = "mint_queue"
+    __table_args__ = (
+        CheckConstraint(_in("status", QUEUE_STATUSES), name="status"),
+        CheckConstraint(_in("payment_type", PAYMENT_TYPES), name="payment_type"),
+        CheckConstraint("retry_count >= 0", name="retry_count"),
+        # The database, not a check-then-insert, guarantees one queue item per payment.
+        UniqueConstraint("payment_id"),
+        Index(
+            "ix_mint_queue_pending_order",
+            "created_at",
+            "queue_id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_mint_queue_payer", "payer", "created_at"),
+        Index("ix_mint_queue_batch_id", "batch_id"),
+    )
+
+    queue_id: Mapped[uuid.UUID] = _uuid_pk()
+    payment_id: Mapped[str] = mapped_column(String(66), nullable=False)
+    payment_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    payer: Mapped[str] = mapped_column(String(42), nullable=False)
+    recipient: Mapped[str] = mapped_column(String(42), nullable=False)
+    amount_paid: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    payment_tx_hash: Mapped[str | None] = mapped_column(String(66))
+    payment_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batch_mints.batch_id")
+    )
+    mint_tx_hash: Mapped[str | None] = mapped_column(String(66))
+    retry_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MintHistory(Base):
+    """Audit trail: one row per completed mint, never updated."""
+
+    __tablename__ = "mint_history"
+    __table_args__ = (UniqueConstraint("queue_id"), UniqueConstraint("payment_id"))
+
+    history_id: Mapped[uuid.UUID] = _uuid_pk()
+    queue_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    payment_id: Mapped[str] = mapped_column(String(66), nullable=False)
+    payment_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    payer: Mapped[str] = mapped_column(String(42), nullable=False)
+    recipient: Mapped[str] = mapped_column(String(42), nullable=False)
+    amount_paid: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    mint_amount: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    batch_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batch_mints.batch_id"), nullable=False
+    )
+    mint_tx_hash: Mapped[str] = mapped_column(String(66), nullable=False)
+    block_number: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    completed_at: Mapped[datetime] = _created_at()
+
+
+class HotWallet(Base):
+    """The minter wallet's next nonce, advanced in the same transaction that assigns a batch."""
+
+    __tablename__ = "hot_wallets"
+
+    address: Mapped[str] = mapped_column(String(42), primary_key=True)
+    next_nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class SystemSetting(Base):
+    """Hot-reloadable operating knobs, read by the batch task on every tick."""
+
+    __tablename__ = "system_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = _updated_at()

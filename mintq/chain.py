@@ -1,0 +1,114 @@
+"""Access to the EVM chain: the USDC and MintToken contracts, with outages mapped to 503s."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache, cached_property
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+from eth_utils import keccak, to_checksum_address
+from web3 import Web3
+from web3.contract import Contract
+
+from mintq.errors import DependencyUnavailable
+from mintq.settings import Settings
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "contracts" / "artifacts"
+TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
+
+T = TypeVar("T")
+
+
+@cache
+def load_artifact(name: str) -> dict[str, Any]:
+    """The compiled artifact (abi, bytecode) of a contract in `contracts/`."""
+    artifact: dict[str, Any] = json.loads((ARTIFACTS / f"{name}.json").read_text())
+    return artifact
+
+
+@contextmanager
+def chain_errors() -> Iterator[None]:
+    """Turn a node that does not answer into `DependencyUnavailable("chain")`."""
+    try:
+        yield
+    except (requests.RequestException, TimeoutError) as exc:
+        raise DependencyUnavailable("chain") from exc
+
+
+def _topic_address(topic: bytes) -> str:
+    return to_checksum_address(topic[-20:])
+
+
+@dataclass(frozen=True)
+class Transfer:
+    token: str
+    sender: str
+    to: str
+    value: int
+
+
+def decode_transfers(logs: list[Any]) -> list[Transfer]:
+    """ERC-20 Transfer events in `logs`, from any emitter (filter by `token` yourself)."""
+    transfers = []
+    for log in logs:
+        topics = log["topics"]
+        if len(topics) != 3 or "0x" + bytes(topics[0]).hex() != TRANSFER_TOPIC:
+            continue
+        data = bytes(log["data"])
+        if len(data) != 32:
+            continue
+        transfers.append(
+            Transfer(
+                token=to_checksum_address(log["address"]),
+                sender=_topic_address(bytes(topics[1])),
+                to=_topic_address(bytes(topics[2])),
+                value=int.from_bytes(data, "big"),
+            )
+        )
+    return transfers
+
+
+class Chain:
+    """One node connection plus the two contracts mintq talks to."""
+
+    def __init__(self, settings: Settings, w3: Web3 | None = None) -> None:
+        self.settings = settings
+        self.w3 = w3 or Web3(
+            Web3.HTTPProvider(
+                settings.rpc_url,
+                request_kwargs={"timeout": settings.chain_timeout_seconds},
+                # Fail fast: callers decide whether to retry (a 503, a Celery retry).
+                exception_retry_configuration=None,
+            )
+        )
+        self.usdc: Contract = self.w3.eth.contract(
+            address=to_checksum_address(settings.usdc_address),
+            abi=load_artifact("MockUSDC")["abi"],
+        )
+        self.token: Contract = self.w3.eth.contract(
+            address=to_checksum_address(settings.token_address),
+            abi=load_artifact("MintToken")["abi"],
+        )
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` against the node, mapping an outage to a 503-style error."""
+        with chain_errors():
+            return fn()
+
+    @cached_property
+    def chain_id(self) -> int:
+        return self.call(lambda: int(self.w3.eth.chain_id))
+
+    @cached_property
+    def mint_amount(self) -> int:
+        return self.call(lambda: int(self.token.functions.mintAmount().call()))
+
+    @property
+    def network(self) -> str:
+        """The CAIP-2 id of the chain, e.g. `eip155:31337`."""
+        return f"eip155:{self.chain_id}"

@@ -1,0 +1,114 @@
+"""The mint queue as clients see it: intake, positions, per-payer and global views."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.models import BatchMint, MintQueueItem
+from mintq.operating import OperatingSettings
+from mintq.payments import VerifiedPayment
+
+
+def find_by_payment_id(session: Session, payment_id: str) -> MintQueueItem | None:
+    return session.scalars(
+        select(MintQueueItem).where(MintQueueItem.payment_id == payment_id)
+    ).one_or_none()
+
+
+def enqueue(session: Session, payment: VerifiedPayment) -> tuple[MintQueueItem, bool]:
+    """Queue a verified payment once. Returns the item and whether this call created it.
+
+    The unique payment id decides, so concurrent submissions of one payment on several
+    API replicas still make a single row.
+    """
+    stmt = (
+        insert(MintQueueItem)
+        .values(
+            payment_id=payment.payment_id,
+            payment_type=payment.payment_type,
+            payer=payment.payer,
+            recipient=payment.recipient,
+            amount_paid=payment.amount,
+            payment_tx_hash=payment.payment_tx_hash,
+            payment_payload=payment.payload,
+        )
+        .on_conflict_do_nothing(index_elements=[MintQueueItem.payment_id])
+        .returning(MintQueueItem.queue_id)
+    )
+    created = session.execute(stmt).scalar_one_or_none() is not None
+    item = find_by_payment_id(session, payment.payment_id)
+    assert item is not None  # inserted now or by the conflicting writer, which committed
+    return item, created
+
+
+def get_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem | None:
+    return session.get(MintQueueItem, queue_id)
+
+
+def items_for_payer(session: Session, payer: str, limit: int = 100) -> list[MintQueueItem]:
+    return list(
+        session.scalars(
+            select(MintQueueItem)
+            .where(MintQueueItem.payer == payer)
+            .order_by(MintQueueItem.created_at.desc())
+            .limit(limit)
+        )
+    )
+
+
+def queue_position(session: Session, item: MintQueueItem) -> int | None:
+    """1 for the next item to be batched; 0 while its batch is on the way; None when done."""
+    if item.status == "processing":
+        return 0
+    if item.status != "pending":
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(MintQueueItem)
+        .where(
+            MintQueueItem.status == "pending",
+            tuple_(MintQueueItem.created_at, MintQueueItem.queue_id)
+            < tuple_(item.created_at, item.queue_id),
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def estimated_wait_seconds(position: int | None, ops: OperatingSettings) -> int | None:
+    """Seconds until the item's batch is sent: one interval per full batch ahead of it."""
+    if position is None:
+        return None
+    if position == 0:
+        return 0
+    batches = math.ceil(position / ops.max_batch_size)
+    return math.ceil(batches * ops.batch_interval_seconds)
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    counts: dict[str, int]
+    oldest_pending_age_seconds: float | None
+    recent_batches: list[BatchMint]
+
+
+def queue_status(session: Session, recent: int = 10) -> QueueStatus:
+    row = session.execute(
+        text("SELECT pending, processing, completed, failed, oldest_pending_at FROM queue_stats")
+    ).one()
+    oldest = row[4]
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest else None
+    batches = list(
+        session.scalars(select(BatchMint).order_by(BatchMint.created_at.desc()).limit(recent))
+    )
+    return QueueStatus(
+        counts=dict(zip(("pending", "processing", "completed", "failed"), row[:4], strict=True)),
+        oldest_pending_age_seconds=age,
+        recent_batches=batches,
+    )

@@ -1,0 +1,260 @@
+"""MintToken and MockUSDC on a real anvil, deployed the way the dev chain deploys them."""
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import ContractCustomError
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from deploy.devchain import ANVIL_KEYS, Deployment, deploy, load_artifact, start_anvil
+
+MINT_AMOUNT = 5 * 10**18
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+
+
+@dataclass
+class Chain:
+    w3: Web3
+    deployment: Deployment
+    token: Contract
+    usdc: Contract
+    admin: LocalAccount
+    minter: LocalAccount
+    outsider: LocalAccount
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    anvil = start_anvil(log_path=tmp_path_factory.mktemp("anvil") / "anvil.log")
+    try:
+        admin, minter, outsider = (Account.from_key(key) for key in ANVIL_KEYS[:3])
+        deployment = deploy(anvil.rpc_url, admin.key.to_0x_hex(), minter.address, MINT_AMOUNT)
+        w3 = Web3(Web3.HTTPProvider(anvil.rpc_url))
+        token = w3.eth.contract(
+            address=Web3.to_checksum_address(deployment.token),
+            abi=load_artifact("MintToken")["abi"],
+        )
+        usdc = w3.eth.contract(
+            address=Web3.to_checksum_address(deployment.usdc), abi=load_artifact("MockUSDC")["abi"]
+        )
+        yield Chain(w3, deployment, token, usdc, admin, minter, outsider)
+    finally:
+        anvil.stop()
+
+
+def send(chain: Chain, sender: LocalAccount, call: Any, gas: int | None = None) -> TxReceipt:
+    params: dict[str, Any] = {"from": sender.address}
+    if gas is not None:
+        params["gas"] = gas
+    tx = call.build_transaction(params)
+    tx["nonce"] = chain.w3.eth.get_transaction_count(sender.address, "pending")
+    signed = sender.sign_transaction(tx)
+    tx_hash = chain.w3.eth.send_raw_transaction(signed.raw_transaction)
+    return chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+
+
+def fresh_recipients(n: int) -> list[ChecksumAddress]:
+    return [Web3.to_checksum_address(secrets.token_bytes(20)) for _ in range(n)]
+
+
+def fresh_ids(n: int) -> list[bytes]:
+    return [secrets.token_bytes(32) for _ in range(n)]
+
+
+def assert_reverts_with(exc: ContractCustomError, signature: str) -> None:
+    assert isinstance(exc.data, str)
+    assert exc.data.startswith(Web3.keccak(text=signature)[:4].to_0x_hex())
+
+
+def test_anvil_keys_are_the_nodes_accounts(chain: Chain) -> None:
+    assert chain.w3.eth.accounts == [Account.from_key(key).address for key in ANVIL_KEYS]
+
+
+def test_deployment_roles_and_settings(chain: Chain) -> None:
+    token = chain.token.functions
+    assert chain.deployment.chain_id == 31337
+    assert token.mintAmount().call() == MINT_AMOUNT
+    assert token.decimals().call() == 18
+    assert (token.name().call(), token.symbol().call()) == ("Mint Token", "MINT")
+    assert token.hasRole(token.MINTER_ROLE().call(), chain.minter.address).call()
+    assert token.hasRole(token.DEFAULT_ADMIN_ROLE().call(), chain.admin.address).call()
+    assert not token.hasRole(token.MINTER_ROLE().call(), chain.admin.address).call()
+
+
+def test_batch_mint_mints_to_each_recipient(chain: Chain) -> None:
+    recipients, ids = fresh_recipients(3), fresh_ids(3)
+
+    receipt = send(chain, chain.minter, chain.token.functions.batchMint(recipients, ids))
+
+    assert receipt["status"] == 1
+    for recipient, payment_id in zip(recipients, ids, strict=True):
+        assert chain.token.functions.balanceOf(recipient).call() == MINT_AMOUNT
+        assert chain.token.functions.minted(payment_id).call()
+    minted = chain.token.events.Minted().process_receipt(receipt, errors=DISCARD)
+    assert [(e.args.paymentId, e.args.recipient, e.args.amount) for e in minted] == [
+        (payment_id, recipient, MINT_AMOUNT)
+        for recipient, payment_id in zip(recipients, ids, strict=True)
+    ]
+
+
+def test_already_minted_id_is_skipped_not_reverted(chain: Chain) -> None:
+    first, again = fresh_recipients(2)
+    (used_id,) = fresh_ids(1)
+    send(chain, chain.minter, chain.token.functions.batchMint([first], [used_id]))
+    others, other_ids = fresh_recipients(2), fresh_ids(2)
+
+    receipt = send(
+        chain,
+        chain.minter,
+        chain.token.functions.batchMint(
+            [others[0], again, others[1]], [other_ids[0], used_id, other_ids[1]]
+        ),
+    )
+
+    assert receipt["status"] == 1
+    assert chain.token.functions.balanceOf(first).call() == MINT_AMOUNT
+    assert chain.token.functions.balanceOf(again).call() == 0
+    for recipient in others:
+        assert chain.token.functions.balanceOf(recipient).call() == MINT_AMOUNT
+    skipped = chain.token.events.MintSkipped().process_receipt(receipt, errors=DISCARD)
+    assert [(e.args.paymentId, e.args.recipient) for e in skipped] == [(used_id, again)]
+
+
+def test_zero_recipient_is_skipped_and_its_id_stays_unminted(chain: Chain) -> None:
+    (recipient,), ids = fresh_recipients(1), fresh_ids(2)
+
+    receipt = send(
+        chain, chain.minter, chain.token.functions.batchMint([ZERO_ADDRESS, recipient], ids)
+    )
+
+    assert receipt["status"] == 1
+    assert not chain.token.functions.minted(ids[0]).call()
+    assert chain.token.functions.minted(ids[1]).call()
+    assert chain.token.functions.balanceOf(recipient).call() == MINT_AMOUNT
+    skipped = chain.token.events.MintSkipped().process_receipt(receipt, errors=DISCARD)
+    assert [(e.args.paymentId, e.args.recipient) for e in skipped] == [(ids[0], ZERO_ADDRESS)]
+
+
+def test_non_minter_is_reverted(chain: Chain) -> None:
+    recipients, ids = fresh_recipients(1), fresh_ids(1)
+    call = chain.token.functions.batchMint(recipients, ids)
+
+    with pytest.raises(ContractCustomError) as exc_info:
+        call.call({"from": chain.outsider.address})
+    assert_reverts_with(exc_info.value, "AccessControlUnauthorizedAccount(address,bytes32)")
+    # Mined anyway (gas given, so no estimate), the transaction reverts and mints nothing.
+    receipt = send(chain, chain.outsider, call, gas=200_000)
+    assert receipt["status"] == 0
+    assert chain.token.functions.balanceOf(recipients[0]).call() == 0
+    assert not chain.token.functions.minted(ids[0]).call()
+
+
+@pytest.mark.parametrize(
+    ("n_recipients", "n_ids", "error"),
+    [(2, 1, "LengthMismatch(uint256,uint256)"), (0, 0, "EmptyBatch()")],
+)
+def test_malformed_batch_is_reverted(
+    chain: Chain, n_recipients: int, n_ids: int, error: str
+) -> None:
+    call = chain.token.functions.batchMint(fresh_recipients(n_recipients), fresh_ids(n_ids))
+
+    with pytest.raises(ContractCustomError) as exc_info:
+        call.call({"from": chain.minter.address})
+    assert_reverts_with(exc_info.value, error)
+
+
+def test_batch_mint_gas(chain: Chain) -> None:
+    per_mint = {}
+    for n in (1, 10, 100):
+        receipt = send(
+            chain, chain.minter, chain.token.functions.batchMint(fresh_recipients(n), fresh_ids(n))
+        )
+        assert receipt["status"] == 1
+        per_mint[n] = receipt["gasUsed"] / n
+        print(f"batchMint {n:>3}: {receipt['gasUsed']:>9,} gas, {per_mint[n]:,.0f} per mint")
+    assert per_mint[100] < 55_000
+
+
+def test_mock_usdc_metadata(chain: Chain) -> None:
+    usdc = chain.usdc.functions
+    assert usdc.name().call() == "USD Coin"
+    assert usdc.symbol().call() == "USDC"
+    assert usdc.decimals().call() == 6
+    assert usdc.version().call() == "2"
+    _, name, version, chain_id, verifying_contract, _, _ = usdc.eip712Domain().call()
+    assert (name, version, chain_id, verifying_contract) == (
+        "USD Coin",
+        "2",
+        chain.deployment.chain_id,
+        chain.deployment.usdc,
+    )
+
+
+def test_transfer_with_authorization(chain: Chain) -> None:
+    payer = Account.create()
+    pay_to = fresh_recipients(1)[0]
+    value = 1_500_000
+    send(chain, chain.admin, chain.usdc.functions.mint(payer.address, 2 * value))
+    now = chain.w3.eth.get_block("latest")["timestamp"]
+    nonce = secrets.token_bytes(32)
+    domain = {
+        "name": "USD Coin",
+        "version": "2",
+        "chainId": chain.deployment.chain_id,
+        "verifyingContract": chain.deployment.usdc,
+    }
+    types = {
+        "TransferWithAuthorization": [
+            {"name": "from", "type": "address"},
+            {"name": "to", "type": "address"},
+            {"name": "value", "type": "uint256"},
+            {"name": "validAfter", "type": "uint256"},
+            {"name": "validBefore", "type": "uint256"},
+            {"name": "nonce", "type": "bytes32"},
+        ]
+    }
+    message = {
+        "from": payer.address,
+        "to": pay_to,
+        "value": value,
+        "validAfter": 0,
+        "validBefore": now + 3600,
+        "nonce": nonce,
+    }
+    signed = Account.sign_typed_data(payer.key, domain, types, message)
+    assert (
+        chain.usdc.functions.DOMAIN_SEPARATOR().call()
+        == encode_typed_data(domain, types, message).header
+    )
+    transfer = chain.usdc.functions.transferWithAuthorization(
+        payer.address,
+        pay_to,
+        value,
+        0,
+        now + 3600,
+        nonce,
+        signed.v,
+        signed.r.to_bytes(32),
+        signed.s.to_bytes(32),
+    )
+
+    # Anyone may submit the authorization: here a third party pays the gas.
+    receipt = send(chain, chain.outsider, transfer)
+
+    assert receipt["status"] == 1
+    assert chain.usdc.functions.balanceOf(pay_to).call() == value
+    assert chain.usdc.functions.balanceOf(payer.address).call() == value
+    assert chain.usdc.functions.authorizationState(payer.address, nonce).call()
+    with pytest.raises(ContractCustomError) as exc_info:
+        transfer.call({"from": chain.outsider.address})
+    assert_reverts_with(exc_info.value, "ERC3009UsedAuthorization(address,bytes32)")
