@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -120,29 +121,44 @@ def _log_tail(log_path: Path | None, lines: int = 20) -> str:
         return f"(cannot read {log_path}: {exc})"
 
 
+def anvil_binary() -> Path:
+    """The platform's anvil binary shipped in npm; the node wrapper only as a fallback.
+
+    Running the binary itself means signals reach anvil and its exit code is its own.
+    """
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), "")
+    native = REPO_ROOT / "node_modules" / "@foundry-rs" / f"anvil-linux-{arch}" / "bin" / "anvil"
+    if sys.platform.startswith("linux") and native.exists():
+        return native
+    if ANVIL_BIN.exists():
+        return ANVIL_BIN
+    raise RuntimeError(f"anvil not found: run `npm ci` in {REPO_ROOT}")
+
+
 def start_anvil(
     port: int | None = None,
     block_time: float | None = None,
     log_path: Path | None = None,
     chain_id: int = 31337,
+    extra_args: Sequence[str] = (),
 ) -> Anvil:
     """Start anvil on 127.0.0.1 and return once it answers ``eth_chainId``.
 
     Without ``block_time`` anvil mines each transaction as it arrives. anvil runs in a new
     session, so a Ctrl-C in the caller's terminal does not reach it: call ``stop()``.
     """
-    if not ANVIL_BIN.exists():
-        raise RuntimeError(f"{ANVIL_BIN} not found: run `npm install` in {REPO_ROOT}")
+    binary = anvil_binary()
     if port is None:
         port = _free_port()
     elif _port_open(port):
         # Checked up front: another chain there would answer eth_chainId before ours failed.
         raise RuntimeError(f"port {port} is already in use: is another anvil running?")
     rpc_url = f"http://127.0.0.1:{port}"
-    args = [str(ANVIL_BIN), "--host", "127.0.0.1", "--port", str(port)]
+    args = [str(binary), "--host", "127.0.0.1", "--port", str(port)]
     args += ["--chain-id", str(chain_id)]
     if block_time is not None:
         args += ["--block-time", str(block_time)]
+    args += list(extra_args)
 
     if log_path is None:
         process = subprocess.Popen(

@@ -1,0 +1,312 @@
+"""Bring the whole mintq system up on this machine and keep it running until Ctrl-C.
+
+`python -m deploy.stack` (what `scripts/up.sh` runs after installing everything):
+database and migrations, the embedded anvil chain with its contracts when no RPC_URL is set,
+then the API under gunicorn, a Celery worker, Celery beat and Flower. Ctrl-C (or SIGTERM)
+stops every process it started. Tests use `Supervisor` to start the same processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from alembic import command
+from alembic.config import Config
+from eth_account import Account
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from deploy.devchain import ANVIL_KEYS, Anvil, deploy, start_anvil
+from mintq.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STATE_DIR = REPO_ROOT / ".mintq"
+PYTHON = sys.executable
+
+# Dev chain roles: account 0 deploys, account 1 is the hot wallet, account 2 receives payments.
+DEV_DEPLOYER_KEY = ANVIL_KEYS[0]
+DEV_MINTER_KEY = ANVIL_KEYS[1]
+DEV_PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
+DEV_PRICE = "1000000"  # 1 USDC (6 decimals)
+DEV_MINT_AMOUNT = 100 * 10**18
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def load_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a `.env` file (comments and blanks skipped)."""
+    values: dict[str, str] = {}
+    if not path.exists():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+# --- database ----------------------------------------------------------------------------
+
+
+def ensure_database(url: str, *, recreate: bool = False) -> None:
+    """Create the database named in `url` if missing (or drop and create it when `recreate`)."""
+    target = make_url(url)
+    name = target.database
+    if not name:
+        raise SystemExit(f"DATABASE_URL names no database: {url}")
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
+            quoted = '"' + name.replace('"', '""') + '"'
+            if exists and recreate:
+                conn.execute(text(f"DROP DATABASE {quoted} WITH (FORCE)"))
+                exists = None
+            if not exists:
+                conn.execute(text(f"CREATE DATABASE {quoted}"))
+    finally:
+        admin.dispose()
+
+
+def migrate(url: str) -> None:
+    """`alembic upgrade head` against `url`."""
+    config = Config(str(REPO_ROOT / "db" / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class Supervisor:
+    """Starts named processes in their own process groups and stops them all together."""
+
+    output: IO[str] | None = None
+    log_dir: Path | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(
+        self, name: str, args: Sequence[str], env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        log_file = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_file = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            list(args),
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdout=subprocess.PIPE if self.output is not None else (log_file or subprocess.DEVNULL),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if self.output is not None:
+            threading.Thread(target=self._pump, args=(name, process, log_file), daemon=True).start()
+        elif log_file is not None:
+            log_file.close()
+        self.processes[name] = process
+        return process
+
+    def _pump(
+        self, name: str, process: subprocess.Popen[bytes], log_file: IO[bytes] | None
+    ) -> None:
+        assert process.stdout is not None and self.output is not None
+        for line in process.stdout:
+            if log_file is not None:
+                log_file.write(line)
+                log_file.flush()
+            self.output.write(f"{name:>7} | {line.decode(errors='replace')}")
+            self.output.flush()
+        if log_file is not None:
+            log_file.close()
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> None:
+        """Signal a process group and wait for it; SIGKILL it if it does not stop in time."""
+        process = self.processes.pop(name, None)
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        # Children that outlived the group leader (a pool worker) go too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop(name)
+
+    def first_exited(self) -> str | None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                return name
+        return None
+
+
+def api_command(port: int, workers: int = 2, host: str = "127.0.0.1") -> list[str]:
+    return [
+        PYTHON, "-m", "gunicorn", "app.wsgi:app",
+        "--bind", f"{host}:{port}",
+        "--workers", str(workers),
+        "--worker-class", "gthread",
+        "--threads", "8",
+        "--graceful-timeout", "20",
+        "--access-logfile", "-",
+    ]  # fmt: skip
+
+
+def worker_command(name: str = "worker", concurrency: int = 2) -> list[str]:
+    return [
+        PYTHON, "-m", "celery", "-A", "tasks", "worker",
+        "--loglevel", "INFO",
+        "--concurrency", str(concurrency),
+        "--hostname", f"{name}@%h",
+    ]  # fmt: skip
+
+
+def beat_command(schedule_file: Path) -> list[str]:
+    return [
+        PYTHON, "-m", "celery", "-A", "tasks", "beat",
+        "--loglevel", "INFO",
+        "--schedule", str(schedule_file),
+    ]  # fmt: skip
+
+
+def flower_command(port: int) -> list[str]:
+    return [
+        PYTHON, "-m", "celery", "-A", "tasks", "flower",
+        f"--port={port}", "--address=127.0.0.1",
+    ]  # fmt: skip
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def _embedded_chain(env: dict[str, str], args: argparse.Namespace) -> Anvil:
+    if port_in_use(args.anvil_port):
+        raise SystemExit(
+            f"port {args.anvil_port} is taken: stop the other node, or set RPC_URL to use it"
+        )
+    print(f"starting anvil on 127.0.0.1:{args.anvil_port} (block time {args.block_time}s)")
+    anvil = start_anvil(
+        port=args.anvil_port, block_time=args.block_time, log_path=STATE_DIR / "anvil.log"
+    )
+    minter = Account.from_key(env.get("MINTER_PRIVATE_KEY") or DEV_MINTER_KEY)
+    deployment = deploy(
+        anvil.rpc_url,
+        DEV_DEPLOYER_KEY,
+        minter.address,
+        int(env.get("MINT_AMOUNT") or DEV_MINT_AMOUNT),
+    )
+    env.update(
+        RPC_URL=anvil.rpc_url,
+        USDC_ADDRESS=deployment.usdc,
+        TOKEN_ADDRESS=deployment.token,
+        MINTER_PRIVATE_KEY=env.get("MINTER_PRIVATE_KEY") or DEV_MINTER_KEY,
+        PAY_TO=env.get("PAY_TO") or DEV_PAY_TO,
+        PRICE=env.get("PRICE") or DEV_PRICE,
+    )
+    (STATE_DIR / "devchain.json").write_text(
+        json.dumps(
+            {"rpcUrl": anvil.rpc_url, "chainId": deployment.chain_id,
+             "usdc": deployment.usdc, "token": deployment.token, "payTo": env["PAY_TO"]},
+            indent=2,
+        ) + "\n"
+    )  # fmt: skip
+    print(f"deployed MockUSDC at {deployment.usdc} and MintToken at {deployment.token}")
+    return anvil
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__)
+    parser.add_argument("--api-port", type=int, default=int(os.environ.get("API_PORT", "8000")))
+    parser.add_argument(
+        "--flower-port", type=int, default=int(os.environ.get("FLOWER_PORT", "5555"))
+    )
+    parser.add_argument("--anvil-port", type=int, default=int(os.environ.get("ANVIL_PORT", "8545")))
+    parser.add_argument(
+        "--block-time", type=float, default=float(os.environ.get("DEV_BLOCK_TIME", "1"))
+    )
+    args = parser.parse_args(argv)
+
+    STATE_DIR.mkdir(exist_ok=True)
+    env = {**load_env_file(REPO_ROOT / ".env"), **os.environ}
+    env.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
+    env.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
+    env["PYTHONUNBUFFERED"] = "1"
+    for port, what in ((args.api_port, "API"), (args.flower_port, "Flower")):
+        if port_in_use(port):
+            raise SystemExit(f"port {port} for the {what} is taken: is mintq already running?")
+
+    anvil = None
+    supervisor = Supervisor(output=sys.stdout, log_dir=STATE_DIR / "logs")
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        embedded = not env.get("RPC_URL")
+        if embedded:
+            anvil = _embedded_chain(env, args)
+        # The embedded chain is new on every start, so rows of the last run's chain must go.
+        ensure_database(env["DATABASE_URL"], recreate=embedded)
+        migrate(env["DATABASE_URL"])
+        print("database migrated")
+
+        supervisor.start("api", api_command(args.api_port), env)
+        supervisor.start("worker", worker_command(), env)
+        supervisor.start("beat", beat_command(STATE_DIR / "celerybeat-schedule"), env)
+        supervisor.start("flower", flower_command(args.flower_port), env)
+        print(
+            f"\nmintq is up: API http://127.0.0.1:{args.api_port}  "
+            f"Flower http://127.0.0.1:{args.flower_port}  chain {env['RPC_URL']}\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while not stopping.wait(0.5):
+            exited = supervisor.first_exited()
+            if exited is not None:
+                print(f"{exited} exited unexpectedly; stopping everything", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        supervisor.stop_all()
+        if anvil is not None:
+            anvil.stop()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

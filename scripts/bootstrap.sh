@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what mintq needs on this machine and makes sure PostgreSQL and Redis answer.
+# Sourced by up.sh and test.sh; safe to run again (it only does what is missing).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*"; }
+die() { printf '\033[31m[bootstrap] %s\033[0m\n' "$*" >&2; exit 1; }
+
+command -v python3 >/dev/null || die "python3 is missing: apt-get install python3 python3-venv"
+command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are missing: apt-get install nodejs npm"
+
+# Python: a venv with the project and its dev tools, reinstalled when pyproject.toml changes.
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  python3 -m venv .venv
+fi
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  say "installing Python dependencies"
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e '.[dev]'
+  touch .venv/.installed
+fi
+
+# Node: solc-js, OpenZeppelin and anvil, exactly as locked.
+if [ ! -d node_modules/@foundry-rs/anvil ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  say "installing Node packages (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+# PostgreSQL: start the local cluster when it is installed but not answering.
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+if ! pg_up; then
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    say "starting PostgreSQL"
+    for version in $(ls /etc/postgresql); do
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+    for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+  fi
+  pg_up || die "PostgreSQL is not answering on 127.0.0.1:5432 and could not be started. Install it (apt-get install postgresql) or set DATABASE_URL to a running server."
+fi
+
+# Redis: the Celery broker and the nonce lock.
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; }
+if ! redis_up; then
+  if command -v redis-server >/dev/null; then
+    say "starting Redis"
+    mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+      --dir /var/lib/redis --logfile /var/log/redis/mintq.log
+    for _ in $(seq 1 20); do redis_up && break; sleep 0.5; done
+  fi
+  redis_up || die "Redis is not answering on 127.0.0.1:6379 and could not be started. Install it (apt-get install redis-server) or set REDIS_URL."
+fi
