@@ -1,0 +1,203 @@
+"""Fixtures on real services: a per-run PostgreSQL database, a per-run Redis db index and a
+real anvil chain with the contracts deployed. Nothing here is faked."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from redis import Redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from web3 import Web3
+
+from db.session import make_engine, make_session_factory
+from deploy.devchain import ANVIL_KEYS, Anvil, Deployment, deploy, start_anvil
+from deploy.pay import pay_usdc, send_and_wait
+from deploy.stack import ensure_database, migrate
+from mintq.batching import Minter
+from mintq.chain import Chain, load_artifact
+from mintq.services import Services
+from mintq.settings import Settings
+
+PG_SERVER = os.environ.get("TEST_PG_SERVER", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+REDIS_SERVER = os.environ.get("TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+PRICE = 1_000_000
+MINT_AMOUNT = 100 * 10**18
+DEPLOYER_KEY = ANVIL_KEYS[0]
+MINTER_KEY = ANVIL_KEYS[1]
+PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
+TABLES = ("mint_history", "mint_queue", "batch_mints", "hot_wallets")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database of this run's own, migrated with Alembic (never create_all)."""
+    url = f"{PG_SERVER}/mintq_test_{os.getpid()}"
+    ensure_database(url, recreate=True)
+    migrate(url)
+    yield url
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "mintq_test_{os.getpid()}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis db index of this run's own (1-15), emptied before and after."""
+    url = f"{REDIS_SERVER}/{1 + os.getpid() % 15}"
+    client = Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def anvil(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Anvil]:
+    node = start_anvil(log_path=tmp_path_factory.mktemp("anvil") / "anvil.log")
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def deployment(anvil: Anvil) -> Deployment:
+    return deploy(anvil.rpc_url, DEPLOYER_KEY, Account.from_key(MINTER_KEY).address, MINT_AMOUNT)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, anvil: Anvil, deployment: Deployment) -> Settings:
+    return Settings.from_env(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RPC_URL": anvil.rpc_url,
+            "USDC_ADDRESS": deployment.usdc,
+            "TOKEN_ADDRESS": deployment.token,
+            "PAY_TO": PAY_TO,
+            "PRICE": str(PRICE),
+            "MINTER_PRIVATE_KEY": MINTER_KEY,
+            "CONFIRM_POLL_SECONDS": "0.3",
+            "BEAT_TICK_SECONDS": "0.5",
+        }
+    )
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker, beat or API process of the test system runs with."""
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "RPC_URL": settings.rpc_url,
+        "USDC_ADDRESS": settings.usdc_address,
+        "TOKEN_ADDRESS": settings.token_address,
+        "PAY_TO": settings.pay_to,
+        "PRICE": str(settings.price),
+        "MINTER_PRIVATE_KEY": settings.require_minter_key(),
+        "CONFIRM_POLL_SECONDS": str(settings.confirm_poll_seconds),
+        "BEAT_TICK_SECONDS": str(settings.beat_tick_seconds),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def clean_db(settings: Settings) -> Iterator[None]:
+    """Empty queue tables and default operating settings around a test."""
+
+    def reset() -> None:
+        engine = create_engine(settings.database_url)
+        with engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+            conn.execute(
+                text(
+                    "UPDATE system_settings SET value = CASE key "
+                    "WHEN 'max_batch_size' THEN '50' WHEN 'batch_interval_seconds' THEN '10' "
+                    "WHEN 'max_retries' THEN '3' WHEN 'max_in_flight' THEN '3' "
+                    "WHEN 'paused' THEN 'false' ELSE value END"
+                )
+            )
+        engine.dispose()
+        Redis.from_url(settings.redis_url).flushdb()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.fixture
+def services(settings: Settings, clean_db: None) -> Iterator[Services]:
+    svc = Services.from_settings(settings)
+    yield svc
+    svc.sessions.kw["bind"].dispose()
+
+
+@pytest.fixture
+def minter(settings: Settings, clean_db: None) -> Iterator[Minter]:
+    engine = make_engine(settings.database_url)
+    redis = Redis.from_url(settings.redis_url)
+    yield Minter(
+        settings=settings,
+        chain=Chain(settings),
+        sessions=make_session_factory(engine),
+        redis=redis,
+        account=Account.from_key(settings.require_minter_key()),
+    )
+    redis.close()
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def w3(anvil: Anvil) -> Web3:
+    return Web3(Web3.HTTPProvider(anvil.rpc_url))
+
+
+@dataclass
+class Chainside:
+    """What a payer does on chain, through the same helpers the README's manual flow uses."""
+
+    w3: Web3
+    deployment: Deployment
+
+    def new_payer(self, usdc: int = 0) -> LocalAccount:
+        """A fresh account with ETH for gas and `usdc` test USDC."""
+        account: LocalAccount = Account.from_key("0x" + secrets.token_hex(32))
+        self.w3.provider.make_request(
+            "anvil_setBalance",
+            [account.address, hex(10**20)],  # type: ignore[arg-type]
+        )
+        if usdc:
+            send_and_wait(self.w3, account, self.usdc.functions.mint(account.address, usdc))
+        return account
+
+    @property
+    def usdc(self):  # type: ignore[no-untyped-def]
+        return self.w3.eth.contract(
+            address=self.deployment.usdc, abi=load_artifact("MockUSDC")["abi"]
+        )
+
+    @property
+    def token(self):  # type: ignore[no-untyped-def]
+        return self.w3.eth.contract(
+            address=self.deployment.token, abi=load_artifact("MintToken")["abi"]
+        )
+
+    def pay(self, account: LocalAccount, amount: int = PRICE, to: str = PAY_TO) -> str:
+        return pay_usdc(self.w3, self.deployment.usdc, account, to, amount)
+
+    def mint_balance(self, address: str) -> int:
+        return int(self.token.functions.balanceOf(address).call())
+
+    def minted(self, payment_id: str) -> bool:
+        return bool(self.token.functions.minted(bytes.fromhex(payment_id[2:])).call())
+
+
+@pytest.fixture(scope="session")
+def chainside(w3: Web3, deployment: Deployment) -> Chainside:
+    return Chainside(w3, deployment)

@@ -1,0 +1,117 @@
+"""Custom payment verification against a real anvil chain and real contracts."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import pytest
+from conftest import DEPLOYER_KEY, MINT_AMOUNT, PAY_TO, PRICE, Chainside
+from eth_account import Account
+
+from deploy.devchain import deploy
+from deploy.pay import pay_usdc
+from mintq.chain import Chain, decode_transfers
+from mintq.errors import PaymentRejected
+from mintq.payments import verify_custom
+from mintq.settings import Settings
+
+
+@pytest.fixture
+def chain(settings: Settings) -> Chain:
+    return Chain(settings)
+
+
+def rejected(chain: Chain, tx_hash: str) -> PaymentRejected:
+    with pytest.raises(PaymentRejected) as info:
+        verify_custom(chain, tx_hash)
+    return info.value
+
+
+def test_a_transfer_of_the_price_is_attributed_to_its_sender(
+    chain: Chain, chainside: Chainside
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    tx_hash = chainside.pay(payer)
+    submitter_is_irrelevant = verify_custom(chain, tx_hash.upper().replace("0X", "0x"))
+    assert submitter_is_irrelevant.payer == payer.address
+    assert submitter_is_irrelevant.recipient == payer.address
+    assert submitter_is_irrelevant.amount == PRICE
+    assert submitter_is_irrelevant.payment_id == tx_hash.lower()
+    assert submitter_is_irrelevant.payment_type == "custom"
+
+
+def test_paying_more_than_the_price_is_accepted_and_recorded(
+    chain: Chain, chainside: Chainside
+) -> None:
+    payer = chainside.new_payer(usdc=3 * PRICE)
+    assert verify_custom(chain, chainside.pay(payer, 3 * PRICE)).amount == 3 * PRICE
+
+
+def test_too_little_money_is_402(chain: Chain, chainside: Chainside) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    error = rejected(chain, chainside.pay(payer, PRICE - 1))
+    assert (error.status, error.code) == (402, "insufficient_payment")
+    assert error.details == {"paid": str(PRICE - 1), "price": str(PRICE)}
+
+
+def test_a_transfer_to_someone_else_is_refused(chain: Chain, chainside: Chainside) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    elsewhere = Account.create().address
+    error = rejected(chain, chainside.pay(payer, PRICE, to=elsewhere))
+    assert (error.status, error.code) == (422, "wrong_recipient")
+
+
+def test_a_token_that_merely_looks_like_usdc_is_refused(
+    chain: Chain, chainside: Chainside, settings: Settings
+) -> None:
+    lookalike = deploy(settings.rpc_url, DEPLOYER_KEY, PAY_TO, MINT_AMOUNT)
+    payer = chainside.new_payer()
+    tx_hash = pay_usdc(chainside.w3, lookalike.usdc, payer, PAY_TO, PRICE)
+    error = rejected(chain, tx_hash)
+    assert error.code == "wrong_token"
+    assert error.details["found"] == [lookalike.usdc]
+
+
+def test_a_reverted_transaction_is_refused(chain: Chain, chainside: Chainside) -> None:
+    payer = chainside.new_payer(usdc=0)
+    # No USDC: the transfer reverts on chain (explicit gas skips the estimate that would fail).
+    tx = chainside.usdc.functions.transfer(PAY_TO, PRICE).build_transaction(
+        {"from": payer.address, "gas": 100_000, "nonce": 0}
+    )
+    tx_hash = chainside.w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction)
+    assert chainside.w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 0
+    error = rejected(chain, "0x" + tx_hash.hex())
+    assert (error.status, error.code) == (422, "tx_failed")
+
+
+def test_an_unknown_hash_is_404(chain: Chain) -> None:
+    error = rejected(chain, "0x" + secrets.token_hex(32))
+    assert (error.status, error.code) == (404, "tx_not_found")
+
+
+def test_too_few_confirmations_is_409(settings: Settings, chainside: Chainside) -> None:
+    strict = Chain(dataclasses.replace(settings, confirmations=50))
+    payer = chainside.new_payer(usdc=PRICE)
+    error = rejected(strict, chainside.pay(payer))
+    assert (error.status, error.code) == (409, "tx_not_confirmed")
+    assert error.details["required"] == 50
+
+
+def test_decode_transfers_ignores_other_events() -> None:
+    transfer_topic = bytes.fromhex(
+        "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+    )
+    sender = bytes(12) + bytes.fromhex("11" * 20)
+    to = bytes(12) + bytes.fromhex("22" * 20)
+    token = "0x" + "33" * 20
+    logs = [
+        {"address": token, "topics": [transfer_topic, sender, to], "data": (5).to_bytes(32)},
+        # An Approval-shaped log and a Transfer with an indexed value (ERC-721) do not count.
+        {"address": token, "topics": [b"\x01" * 32, sender, to], "data": (5).to_bytes(32)},
+        {"address": token, "topics": [transfer_topic, sender, to, (5).to_bytes(32)], "data": b""},
+    ]
+    [transfer] = decode_transfers(logs)
+    assert transfer.value == 5
+    assert transfer.sender == "0x" + "11" * 20
+    assert transfer.to == "0x" + "22" * 20
