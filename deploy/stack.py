@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from alembic.config import Config
 from eth_account import Account
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from web3 import Web3
 
 from deploy.devchain import ANVIL_KEYS, Anvil, deploy, start_anvil
 from mintq.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL
@@ -210,6 +210,33 @@ def flower_command(port: int) -> list[str]:
 # --- main --------------------------------------------------------------------------------
 
 
+def _deploy_dev_contracts(env: dict[str, str], rpc_url: str) -> None:
+    """Deploy MockUSDC and MintToken on a dev chain and put their addresses into `env`."""
+    minter_key = env.get("MINTER_PRIVATE_KEY") or DEV_MINTER_KEY
+    deployment = deploy(
+        rpc_url,
+        DEV_DEPLOYER_KEY,
+        Account.from_key(minter_key).address,
+        int(env.get("MINT_AMOUNT") or DEV_MINT_AMOUNT),
+    )
+    env.update(
+        RPC_URL=rpc_url,
+        USDC_ADDRESS=deployment.usdc,
+        TOKEN_ADDRESS=deployment.token,
+        MINTER_PRIVATE_KEY=minter_key,
+        PAY_TO=env.get("PAY_TO") or DEV_PAY_TO,
+        PRICE=env.get("PRICE") or DEV_PRICE,
+    )
+    print(f"deployed MockUSDC at {deployment.usdc} and MintToken at {deployment.token}")
+
+
+def write_chain_env(env: Mapping[str, str], path: Path) -> None:
+    """Record where the app and workers find the chain and contracts (sourced by compose)."""
+    keys = ("RPC_URL", "USDC_ADDRESS", "TOKEN_ADDRESS", "PAY_TO", "PRICE")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={env[k]}\n" for k in keys if env.get(k)))
+
+
 def _embedded_chain(env: dict[str, str], args: argparse.Namespace) -> Anvil:
     if port_in_use(args.anvil_port):
         raise SystemExit(
@@ -219,30 +246,31 @@ def _embedded_chain(env: dict[str, str], args: argparse.Namespace) -> Anvil:
     anvil = start_anvil(
         port=args.anvil_port, block_time=args.block_time, log_path=STATE_DIR / "anvil.log"
     )
-    minter = Account.from_key(env.get("MINTER_PRIVATE_KEY") or DEV_MINTER_KEY)
-    deployment = deploy(
-        anvil.rpc_url,
-        DEV_DEPLOYER_KEY,
-        minter.address,
-        int(env.get("MINT_AMOUNT") or DEV_MINT_AMOUNT),
-    )
-    env.update(
-        RPC_URL=anvil.rpc_url,
-        USDC_ADDRESS=deployment.usdc,
-        TOKEN_ADDRESS=deployment.token,
-        MINTER_PRIVATE_KEY=env.get("MINTER_PRIVATE_KEY") or DEV_MINTER_KEY,
-        PAY_TO=env.get("PAY_TO") or DEV_PAY_TO,
-        PRICE=env.get("PRICE") or DEV_PRICE,
-    )
-    (STATE_DIR / "devchain.json").write_text(
-        json.dumps(
-            {"rpcUrl": anvil.rpc_url, "chainId": deployment.chain_id,
-             "usdc": deployment.usdc, "token": deployment.token, "payTo": env["PAY_TO"]},
-            indent=2,
-        ) + "\n"
-    )  # fmt: skip
-    print(f"deployed MockUSDC at {deployment.usdc} and MintToken at {deployment.token}")
+    _deploy_dev_contracts(env, anvil.rpc_url)
     return anvil
+
+
+def _contracts_live(rpc_url: str, token: str | None) -> bool:
+    """Whether `token` is configured and has code on the chain (a restarted dev chain has none)."""
+    if not token:
+        return False
+    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
+    return len(w3.eth.get_code(Web3.to_checksum_address(token))) > 0
+
+
+def setup(env: dict[str, str], *, recreate_database: bool) -> None:
+    """Database and schema, and dev contracts when a dev chain has none configured."""
+    rpc_url = env.get("RPC_URL")
+    if rpc_url and not _contracts_live(rpc_url, env.get("TOKEN_ADDRESS")):
+        if env.get("DEPLOY_DEV_CONTRACTS", "").lower() not in ("1", "true", "yes"):
+            raise SystemExit(
+                "RPC_URL is set but TOKEN_ADDRESS is not a contract there: configure it, or set "
+                "DEPLOY_DEV_CONTRACTS=true to deploy test contracts on a dev chain"
+            )
+        _deploy_dev_contracts(env, rpc_url)
+    ensure_database(env["DATABASE_URL"], recreate=recreate_database)
+    migrate(env["DATABASE_URL"])
+    print("database migrated")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,6 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--block-time", type=float, default=float(os.environ.get("DEV_BLOCK_TIME", "1"))
     )
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="migrate (and deploy dev contracts if needed), write --env-out, and exit",
+    )
+    parser.add_argument("--env-out", type=Path, default=STATE_DIR / "chain.env")
     args = parser.parse_args(argv)
 
     STATE_DIR.mkdir(exist_ok=True)
@@ -262,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
     env.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
     env["PYTHONUNBUFFERED"] = "1"
+    if args.setup_only:
+        setup(env, recreate_database=False)
+        write_chain_env(env, args.env_out)
+        return 0
     for port, what in ((args.api_port, "API"), (args.flower_port, "Flower")):
         if port_in_use(port):
             raise SystemExit(f"port {port} for the {what} is taken: is mintq already running?")
@@ -280,9 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if embedded:
             anvil = _embedded_chain(env, args)
         # The embedded chain is new on every start, so rows of the last run's chain must go.
-        ensure_database(env["DATABASE_URL"], recreate=embedded)
-        migrate(env["DATABASE_URL"])
-        print("database migrated")
+        setup(env, recreate_database=embedded)
+        write_chain_env(env, args.env_out)
 
         supervisor.start("api", api_command(args.api_port), env)
         supervisor.start("worker", worker_command(), env)

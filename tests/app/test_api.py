@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 from app import create_app
+from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside
 from mintq.services import Services
 from mintq.settings import Settings
 

@@ -8,10 +8,10 @@ import secrets
 from decimal import Decimal
 
 import pytest
-from conftest import MINT_AMOUNT, PRICE, Chainside
 from eth_account import Account
 from sqlalchemy import func, select, text
 
+from conftest import MINT_AMOUNT, PRICE, Chainside
 from db.models import BatchMint, HotWallet, MintHistory, MintQueueItem
 from mintq import batching, queue
 from mintq.batching import Minter

@@ -6,9 +6,9 @@ import dataclasses
 import secrets
 
 import pytest
-from conftest import DEPLOYER_KEY, MINT_AMOUNT, PAY_TO, PRICE, Chainside
 from eth_account import Account
 
+from conftest import DEPLOYER_KEY, MINT_AMOUNT, PAY_TO, PRICE, Chainside
 from deploy.devchain import deploy
 from deploy.pay import pay_usdc
 from mintq.chain import Chain, decode_transfers
