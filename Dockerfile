@@ -7,7 +7,7 @@ RUN apt-get update \
 
 WORKDIR /srv/mintq
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --loglevel=error
+RUN npm install --no-audit --no-fund --loglevel=error
 COPY pyproject.toml README.md ./
 COPY app app
 COPY tasks tasks

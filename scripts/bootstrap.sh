@@ -22,10 +22,11 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   touch .venv/.installed
 fi
 
-# Node: solc-js, OpenZeppelin and anvil, exactly as locked.
+# Node: solc-js, OpenZeppelin and anvil, as locked. Not `npm ci`: the lock cannot list anvil's
+# binaries for other platforms (the registry mirror here has none), and `npm ci` refuses that.
 if [ ! -d node_modules/@foundry-rs/anvil ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  say "installing Node packages (npm ci)"
-  npm ci --no-audit --no-fund --loglevel=error
+  say "installing Node packages"
+  npm install --no-audit --no-fund --loglevel=error
 fi
 
 # PostgreSQL: start the local cluster when it is installed but not answering.
