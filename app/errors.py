@@ -19,9 +19,17 @@ RETRY_AFTER_SECONDS = 5
 
 
 def error_response(
-    status: int, code: str, message: str, details: dict[str, Any] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Response, int]:
-    response = jsonify({"error": code, "message": message, "details": details or {}})
+    response = jsonify(
+        {**(extra or {}), "error": code, "message": message, "details": details or {}}
+    )
+    response.headers.update(headers or {})
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response, status
@@ -32,7 +40,7 @@ def register_error_handlers(app: Flask) -> None:
     def _mintq_error(exc: MintqError) -> tuple[Response, int]:
         if exc.status >= 500:
             log.warning("dependency unavailable: %s", exc.message, exc_info=exc.__cause__)
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers, exc.body)
 
     @app.errorhandler(ValidationError)
     def _validation_error(exc: ValidationError) -> tuple[Response, int]:

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy.orm import Session
 
-from app.schemas import BatchSchema, ConfigSchema, MintRequestSchema, QueueItemSchema
+from app.schemas import BatchSchema, ConfigSchema, QueueItemSchema, load_mint_request
 from db.models import MintQueueItem
-from mintq import payments, queue
-from mintq.errors import MintqError
+from mintq import eip3009, payments, queue
+from mintq.eip3009 import Authorization
+from mintq.errors import MintqError, PaymentRejected
 from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.services import Services
+from mintq.x402_payments import X402Payment
 
 bp = Blueprint("api", __name__)
 
 _item_schema = QueueItemSchema()
 _batch_schema = BatchSchema()
-_mint_request = MintRequestSchema()
 
 
 def services() -> Services:
@@ -56,21 +58,29 @@ def _item_view(session: Session, item: MintQueueItem, ops: OperatingSettings) ->
     return data
 
 
-def _read_json_body() -> dict[str, Any]:
+def _payment_required(message: str = "This endpoint needs a payment.") -> MintqError:
+    """402 with the x402 requirements (v2 header, v1 body) and the other ways to pay."""
+    svc = services()
+    headers, body = svc.x402.payment_required(request.url)
+    return MintqError(
+        message,
+        code="payment_required",
+        status=402,
+        headers=headers,
+        body=body,  # x402Version 1 and its accepts, for v1 clients that read the body
+        details={
+            "acceptedPaymentTypes": ["x402", "gasless", "custom"],
+            "payTo": svc.settings.pay_to,
+            "price": str(svc.settings.price),
+            "usdc": svc.settings.usdc_address,
+        },
+    )
+
+
+def _read_json_body() -> dict[str, Any] | None:
     raw = request.get_data(cache=True)
     if not raw.strip():
-        cfg = services()
-        raise MintqError(
-            "This endpoint needs a payment.",
-            code="payment_required",
-            status=402,
-            details={
-                "acceptedPaymentTypes": ["custom"],
-                "payTo": cfg.settings.pay_to,
-                "price": str(cfg.settings.price),
-                "usdc": cfg.settings.usdc_address,
-            },
-        )
+        return None
     try:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -101,14 +111,66 @@ def get_config() -> Response:
 @bp.post("/mint")
 def post_mint() -> tuple[Response, int]:
     """Verify a payment and queue one mint for it; the same payment again returns its item."""
-    data = _mint_request.load(_read_json_body())
+    payment = services().x402.decode(request.headers.get)
+    if payment is not None:
+        return _x402_mint(payment)
+    body = _read_json_body()
+    if body is None:
+        raise _payment_required()
+    data = load_mint_request(body)
+    chain = services().chain
+    if data["payment_type"] == "custom":
+        tx_hash = data["tx_hash"]
+        return _queue_once(
+            payments.custom_payment_id(tx_hash), lambda: payments.verify_custom(chain, tx_hash)
+        )
+    authorization: Authorization = data["authorization"]
+    signature: bytes = data["signature"]
+    return _queue_once(
+        eip3009.payment_id(
+            chain.chain_id, chain.usdc.address, authorization.sender, authorization.nonce
+        ),
+        lambda: payments.verify_gasless(chain, authorization, signature),
+    )
+
+
+def _x402_mint(payment: X402Payment) -> tuple[Response, int]:
+    """Queue an x402 payment; a refused one answers 402 with the requirements again."""
+    gateway = services().x402
+    try:
+        if gateway.facilitator_url:
+            auth = payment.authorization
+            existing = queue.find_by_authorization(db(), auth.sender, auth.nonce)
+            response, status = _queue_once(
+                existing.payment_id if existing else None,
+                lambda: gateway.verify_and_settle(payment),
+            )
+        else:
+            response, status = _queue_once(
+                gateway.payment_id(payment), lambda: gateway.verify(payment)
+            )
+    except PaymentRejected as exc:
+        headers, body = gateway.payment_required(request.url, exc.message)
+        exc.headers.update(headers)
+        exc.body.update(body)
+        raise
+    item = response.get_json()
+    name, value = gateway.response_header(
+        payment, item["payer"], item["paymentId"] if gateway.facilitator_url else None
+    )
+    response.headers[name] = value
+    return response, status
+
+
+def _queue_once(
+    payment_id: str | None, verify: Callable[[], payments.VerifiedPayment]
+) -> tuple[Response, int]:
+    """202 with a new item for a verified payment; 200 with the existing item for a repeat."""
     session = db()
-    payment_id = payments.custom_payment_id(data["tx_hash"])
-    item = queue.find_by_payment_id(session, payment_id)
+    item = queue.find_by_payment_id(session, payment_id) if payment_id else None
     created = False
     if item is None:
-        verified = payments.verify_custom(services().chain, data["tx_hash"])
-        item, created = queue.enqueue(session, verified)
+        item, created = queue.enqueue(session, verify())
         session.commit()
     ops = load_operating_settings(session)
     return jsonify(_item_view(session, item, ops)), 202 if created else 200

@@ -2,19 +2,108 @@
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from typing import Any
+
+from eth_utils import is_address, to_checksum_address
+from marshmallow import Schema, ValidationError, fields, validate
+
+from mintq.eip3009 import MAX_UINT256, Authorization
 
 TX_HASH = validate.Regexp(r"^0x[0-9a-fA-F]{64}$", error="must be a 0x-prefixed 32-byte hex hash")
-PAYMENT_TYPES = ("custom",)
 
 
-class MintRequestSchema(Schema):
-    """`POST /mint` body. Each payment type has its own fields."""
+class Uint256(fields.Field):
+    """A uint256 given as a JSON integer or a decimal string (as x402 and wallets send it)."""
 
-    payment_type = fields.String(
-        data_key="paymentType", required=True, validate=validate.OneOf(PAYMENT_TYPES)
-    )
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValidationError("must be an integer or a decimal string")
+        if isinstance(value, str) and not value.isdigit():
+            raise ValidationError("must be a non-negative decimal integer")
+        number = int(value)
+        if not 0 <= number <= MAX_UINT256:
+            raise ValidationError("must fit in uint256")
+        return number
+
+
+class Address(fields.String):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not is_address(text):
+            raise ValidationError("must be a 0x-prefixed 20-byte address")
+        return str(to_checksum_address(text))
+
+
+class HexBytes(fields.Field):
+    """0x-prefixed hex of `length` bytes, or of `min_length` to `max_length` bytes."""
+
+    def __init__(self, *, length: int | None = None, max_length: int = 4096, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.length = length
+        self.max_length = max_length
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
+        if not isinstance(value, str):
+            raise ValidationError("must be a string")
+        text = value
+        try:
+            if not text.startswith("0x"):
+                raise ValueError
+            raw = bytes.fromhex(text[2:])
+        except ValueError:
+            raise ValidationError("must be 0x-prefixed hex") from None
+        if self.length is not None and len(raw) != self.length:
+            raise ValidationError(f"must be {self.length} bytes")
+        if not 0 < len(raw) <= self.max_length:
+            raise ValidationError(f"must be 1 to {self.max_length} bytes")
+        return raw
+
+
+class AuthorizationSchema(Schema):
+    """EIP-3009 `TransferWithAuthorization` fields, camelCase as signed."""
+
+    sender = Address(data_key="from", required=True)
+    to = Address(required=True)
+    value = Uint256(required=True)
+    valid_after = Uint256(data_key="validAfter", required=True)
+    valid_before = Uint256(data_key="validBefore", required=True)
+    nonce = HexBytes(length=32, required=True)
+
+
+class CustomPaymentSchema(Schema):
+    """A USDC transfer already on chain, identified by its transaction hash."""
+
+    payment_type = fields.Constant("custom", data_key="paymentType")
     tx_hash = fields.String(data_key="txHash", required=True, validate=TX_HASH)
+
+
+class GaslessPaymentSchema(Schema):
+    """An EIP-3009 authorization the nonce owner settles in the same transaction as the mint."""
+
+    payment_type = fields.Constant("gasless", data_key="paymentType")
+    authorization = fields.Nested(AuthorizationSchema, required=True)
+    signature = HexBytes(required=True)
+
+
+MINT_REQUEST_SCHEMAS: dict[str, Schema] = {
+    "custom": CustomPaymentSchema(),
+    "gasless": GaslessPaymentSchema(),
+}
+
+
+def load_mint_request(payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate a `POST /mint` body against the schema of its `paymentType`."""
+    payment_type = payload.get("paymentType")
+    schema = MINT_REQUEST_SCHEMAS.get(payment_type) if isinstance(payment_type, str) else None
+    if schema is None:
+        raise ValidationError(
+            {"paymentType": [f"must be one of: {', '.join(MINT_REQUEST_SCHEMAS)}"]}
+        )
+    data: dict[str, Any] = schema.load(payload)
+    data["payment_type"] = payment_type
+    if payment_type == "gasless":
+        data["authorization"] = Authorization(**data["authorization"])
+    return data
 
 
 class QueueItemSchema(Schema):

@@ -4,6 +4,7 @@ pragma solidity ^0.8.27;
 import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
 import {ERC3009} from "@openzeppelin/contracts/token/ERC20/extensions/draft-ERC3009.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 
 /// @notice USDC stand-in for dev and test chains only: anyone can mint.
 /// Name, EIP-712 domain and decimals match Circle's FiatTokenV2 so x402 clients sign for it as
@@ -28,5 +29,30 @@ contract MockUSDC is ERC20, EIP712, ERC3009 {
 
     function mint(address to, uint256 amount) external {
         _mint(to, amount);
+    }
+
+    /// @dev FiatToken v2.2's bytes-signature overload, which MintToken settles through: ECDSA for
+    /// EOAs, ERC-1271 for contract wallets. OZ's ERC3009 has only the (v, r, s) overload (its bytes
+    /// one, in ERC20TransferAuthorization, comes with sequential nonces, which USDC does not use).
+    /// Checks run in OZ's order (signature, time, nonce, balance), not Circle's (time, nonce,
+    /// signature, balance), and fail with OZ custom errors, not Circle's revert strings.
+    function transferWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes memory signature
+    ) public virtual {
+        bytes32 hash = _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce
+                )
+            )
+        );
+        require(SignatureChecker.isValidSignatureNow(from, hash, signature), ERC3009InvalidSignature());
+        _transferWithAuthorization(from, to, value, validAfter, validBefore, nonce);
     }
 }

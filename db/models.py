@@ -103,7 +103,8 @@ class MintQueueItem(Base):
         # The database, not a check-then-insert, guarantees one queue item per payment.
         UniqueConstraint("payment_id"),
         Index(
-            "ix_mint_queue_pending_order",
+            "ix_mint_queue_pending_claim_order",
+            text("settle_deadline ASC NULLS LAST"),
             "created_at",
             "queue_id",
             postgresql_where=text("status = 'pending'"),
@@ -130,6 +131,13 @@ class MintQueueItem(Base):
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When an authorization must be settled by (EIP-3009 validBefore); NULL when already paid.
+    settle_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    @classmethod
+    def claim_order(cls) -> tuple[Any, ...]:
+        """The order pending items are batched in: soonest deadline first, then arrival."""
+        return (cls.settle_deadline.asc().nulls_last(), cls.created_at, cls.queue_id)
 
 
 class MintHistory(Base):

@@ -13,9 +13,10 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from eth_abi import decode as abi_decode
 from eth_account.signers.local import LocalAccount
 from eth_utils import event_abi_to_log_topic, to_checksum_address
 from hexbytes import HexBytes
@@ -27,12 +28,20 @@ from web3.types import Nonce, TxParams, Wei
 
 from db.models import BatchMint, HotWallet, MintHistory, MintQueueItem
 from mintq.chain import Chain, load_artifact
+from mintq.eip3009 import (
+    Authorization,
+    describe_settlement_failure,
+    is_used_authorization,
+    normalize_signature,
+)
 from mintq.operating import OperatingSettings, load_operating_settings
+from mintq.payments import find_settlement
 from mintq.settings import Settings
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = ("signed", "sent")
+ZERO_ADDRESS = "0x" + "00" * 20
 # Node answers to a rebroadcast that mean "this nonce is taken": by us (the receipt will
 # tell) or by another transaction (confirmation will notice the nonce moved past it).
 _KNOWN_TX_ERRORS = ("already known", "already imported", "nonce too low", "known transaction")
@@ -198,21 +207,20 @@ def send_batch(minter: Minter, lock: NonceLock, ops: OperatingSettings) -> uuid.
     (items then stay pending and the reason is logged).
     """
     chain = minter.chain
+    expire_unsettleable(minter)
     with minter.sessions() as session, session.begin():
         items = list(
             session.scalars(
                 select(MintQueueItem)
                 .where(MintQueueItem.status == "pending")
-                .order_by(MintQueueItem.created_at, MintQueueItem.queue_id)
+                .order_by(*MintQueueItem.claim_order())
                 .limit(ops.max_batch_size)
                 .with_for_update(skip_locked=True)
             )
         )
         if not items:
             return None
-        recipients = [to_checksum_address(i.recipient) for i in items]
-        payment_ids = [HexBytes(i.payment_id) for i in items]
-        call = chain.token.functions.batchMint(recipients, payment_ids)
+        call = batch_call(chain, items)
         try:
             gas = chain.call(lambda: call.estimate_gas({"from": minter.account.address}))
         except ContractLogicError as exc:
@@ -233,7 +241,7 @@ def send_batch(minter: Minter, lock: NonceLock, ops: OperatingSettings) -> uuid.
         }
         tx = call.build_transaction(params)
         lock.check()  # fence: only the owner signs
-        signed = minter.account.sign_transaction(tx)  # type: ignore[arg-type]
+        signed = minter.account.sign_transaction(tx)
         batch = BatchMint(
             nonce=wallet.next_nonce,
             tx_hash="0x" + bytes(signed.hash).hex(),
@@ -258,6 +266,65 @@ def send_batch(minter: Minter, lock: NonceLock, ops: OperatingSettings) -> uuid.
         )
     _broadcast(minter, lock, batch_id)
     return batch_id
+
+
+def needs_settlement(item: MintQueueItem) -> bool:
+    """An authorization we still have to submit (not a transfer already on chain)."""
+    return item.payment_type != "custom" and item.payment_tx_hash is None
+
+
+def batch_call(chain: Chain, items: Sequence[MintQueueItem]) -> Any:
+    """`batchMint` when every item is paid already, else `batchSettleAndMint`.
+
+    Settling an authorization in the mint's own transaction charges the payer if and only if
+    the tokens are minted; the contract skips (and reports) an item whose settlement fails.
+    """
+    if not any(needs_settlement(i) for i in items):
+        return chain.token.functions.batchMint(
+            [to_checksum_address(i.recipient) for i in items],
+            [HexBytes(i.payment_id) for i in items],
+        )
+    rows = []
+    for item in items:
+        row: tuple[Any, ...] = (
+            to_checksum_address(item.recipient),
+            HexBytes(item.payment_id),
+            ZERO_ADDRESS, 0, 0, 0, bytes(32), b"",
+        )  # fmt: skip
+        if needs_settlement(item):
+            assert item.payment_payload is not None
+            auth = Authorization.from_json(item.payment_payload["authorization"])
+            signature = normalize_signature(HexBytes(item.payment_payload["signature"]))
+            row = (
+                row[0], row[1], auth.sender, auth.value, auth.valid_after, auth.valid_before,
+                auth.nonce, signature,
+            )  # fmt: skip
+        rows.append(row)
+    return chain.token.functions.batchSettleAndMint(chain.usdc.address, chain.settings.pay_to, rows)
+
+
+def expire_unsettleable(minter: Minter) -> int:
+    """Fail pending authorizations that would expire before a batch could mine them.
+
+    Nothing was charged: an expired authorization can no longer move the payer's money.
+    """
+    margin = minter.settings.settle_margin_seconds
+    with minter.sessions() as session, session.begin():
+        expired = list(
+            session.scalars(
+                select(MintQueueItem)
+                .where(
+                    MintQueueItem.status == "pending",
+                    MintQueueItem.settle_deadline < func.now() + timedelta(seconds=margin),
+                )
+                .with_for_update(skip_locked=True)
+            )
+        )
+        for item in expired:
+            item.status = "failed"
+            item.error = "the payment authorization expired before its batch; nothing was charged"
+            log.warning("authorization expired in the queue", extra={"queueId": str(item.queue_id)})
+    return len(expired)
 
 
 def _broadcast(minter: Minter, lock: NonceLock, batch_id: uuid.UUID) -> None:
@@ -320,22 +387,34 @@ def _event_topic(chain: Chain, name: str) -> bytes:
     return bytes(event_abi_to_log_topic(abi))
 
 
-def _payment_ids_by_event(chain: Chain, receipt: Any) -> tuple[set[str], set[str]]:
-    """(minted, skipped) payment ids in a receipt, from our token's logs only."""
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What the token reported per payment id in a confirmed batch receipt."""
+
+    minted: set[str]
+    skipped: set[str]
+    settlement_failed: dict[str, bytes]
+
+
+def _batch_outcome(chain: Chain, receipt: Any) -> BatchOutcome:
+    """Read Minted / MintSkipped / SettlementFailed, from our token's logs only."""
     minted_topic = _event_topic(chain, "Minted")
     skipped_topic = _event_topic(chain, "MintSkipped")
-    minted: set[str] = set()
-    skipped: set[str] = set()
+    failed_topic = _event_topic(chain, "SettlementFailed")
+    outcome = BatchOutcome(set(), set(), {})
     for entry in receipt["logs"]:
         if to_checksum_address(entry["address"]) != chain.token.address or not entry["topics"]:
             continue
         topic = bytes(entry["topics"][0])
         payment_id = "0x" + bytes(entry["topics"][1]).hex()
         if topic == minted_topic:
-            minted.add(payment_id)
+            outcome.minted.add(payment_id)
         elif topic == skipped_topic:
-            skipped.add(payment_id)
-    return minted, skipped
+            outcome.skipped.add(payment_id)
+        elif topic == failed_topic:
+            (reason,) = abi_decode(["bytes"], bytes(entry["data"]))
+            outcome.settlement_failed[payment_id] = bytes(reason)
+    return outcome
 
 
 def _earlier_mint_tx(chain: Chain, payment_id: str) -> tuple[str, int] | None:
@@ -407,34 +486,54 @@ def _batch_items(session: Session, batch_id: uuid.UUID) -> list[MintQueueItem]:
 
 def _finish_confirmed(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> ConfirmResult:
     chain = minter.chain
-    minted, skipped = _payment_ids_by_event(chain, receipt)
+    outcome = _batch_outcome(chain, receipt)
     tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
     block_number = int(receipt["blockNumber"])
     # Chain reads happen before the row locks are taken.
-    earlier = {}
+    earlier: dict[str, tuple[str, int] | None] = {}
+    settled_elsewhere: dict[str, str | None] = {}
     with minter.sessions() as session:
         for item in _batch_items(session, batch_id):
-            if item.payment_id in skipped:
+            if item.payment_id in outcome.skipped:
                 earlier[item.payment_id] = _earlier_mint_tx(chain, item.payment_id)
+            reason = outcome.settlement_failed.get(item.payment_id)
+            if reason is not None and is_used_authorization(reason):
+                assert item.payment_payload is not None
+                auth = Authorization.from_json(item.payment_payload["authorization"])
+                settled_elsewhere[item.payment_id] = find_settlement(chain, auth)
     now = datetime.now(UTC)
     with minter.sessions() as session, session.begin():
         batch = _locked_batch(session, batch_id)
         if batch is None:
             return ConfirmResult("done", batch_id)
         for item in _batch_items(session, batch_id):
-            if item.payment_id in minted:
+            context = {"queueId": str(item.queue_id), "batchId": str(batch_id)}
+            first = earlier.get(item.payment_id)
+            if item.payment_id in outcome.minted:
                 _complete(session, item, batch_id, tx_hash, block_number, chain.mint_amount, now)
-            elif earlier.get(item.payment_id):
+            elif first is not None:
                 # Minted by an earlier transaction (e.g. before a crash): done, exactly once.
-                first_tx, first_block = earlier[item.payment_id]  # type: ignore[misc]
-                _complete(session, item, batch_id, first_tx, first_block, chain.mint_amount, now)
+                _complete(session, item, batch_id, *first, chain.mint_amount, now)
+            elif settled_elsewhere.get(item.payment_id):
+                # Someone else submitted the authorization and it paid us: mint it as paid.
+                item.payment_tx_hash = settled_elsewhere[item.payment_id]
+                item.settle_deadline = None
+                item.status = "pending"
+                item.batch_id = None
+                log.info(
+                    "authorization was settled by someone else; requeued as paid", extra=context
+                )
+            elif item.payment_id in outcome.settlement_failed:
+                item.status = "failed"
+                item.error = (
+                    describe_settlement_failure(outcome.settlement_failed[item.payment_id])
+                    + "; nothing was charged"
+                )
+                log.warning("settlement failed: %s", item.error, extra=context)
             else:
                 item.status = "failed"
                 item.error = "the batch transaction did not mint this item"
-                log.error(
-                    "item missing from a confirmed batch",
-                    extra={"queueId": str(item.queue_id), "batchId": str(batch_id)},
-                )
+                log.error("item missing from a confirmed batch", extra=context)
         batch.status = "confirmed"
         batch.tx_hash = tx_hash
         batch.gas_used = int(receipt["gasUsed"])

@@ -15,6 +15,7 @@ from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 
+from mintq.eip3009 import Domain
 from mintq.errors import DependencyUnavailable
 from mintq.settings import Settings
 
@@ -107,6 +108,18 @@ class Chain:
     @cached_property
     def mint_amount(self) -> int:
         return self.call(lambda: int(self.token.functions.mintAmount().call()))
+
+    @cached_property
+    def usdc_domain(self) -> Domain:
+        """The EIP-712 domain USDC checks authorizations against, read from the contract."""
+        name, version = self.call(
+            lambda: (self.usdc.functions.name().call(), self.usdc.functions.version().call())
+        )
+        return Domain(str(name), str(version), self.chain_id, self.usdc.address)
+
+    @cached_property
+    def usdc_domain_separator(self) -> bytes:
+        return self.usdc_domain.separator()
 
     @property
     def network(self) -> str:

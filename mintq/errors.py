@@ -18,8 +18,13 @@ class MintqError(Exception):
         code: str | None = None,
         status: int | None = None,
         details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
+        # Extra top-level fields of the JSON answer (the x402 v1 requirements of a 402).
+        self.body = body or {}
         self.message = message
         if code is not None:
             self.code = code

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import ColumnElement, and_, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,11 @@ def enqueue(session: Session, payment: VerifiedPayment) -> tuple[MintQueueItem, 
             amount_paid=payment.amount,
             payment_tx_hash=payment.payment_tx_hash,
             payment_payload=payment.payload,
+            settle_deadline=(
+                datetime.fromtimestamp(payment.settle_deadline, UTC)
+                if payment.settle_deadline is not None
+                else None
+            ),
         )
         .on_conflict_do_nothing(index_elements=[MintQueueItem.payment_id])
         .returning(MintQueueItem.queue_id)
@@ -46,6 +51,17 @@ def enqueue(session: Session, payment: VerifiedPayment) -> tuple[MintQueueItem, 
     item = find_by_payment_id(session, payment.payment_id)
     assert item is not None  # inserted now or by the conflicting writer, which committed
     return item, created
+
+
+def find_by_authorization(session: Session, sender: str, nonce: bytes) -> MintQueueItem | None:
+    """The item queued for an EIP-3009 authorization, whatever its payment id."""
+    return session.scalars(
+        select(MintQueueItem).where(
+            MintQueueItem.payment_payload.contains(
+                {"authorization": {"from": sender, "nonce": "0x" + nonce.hex()}}
+            )
+        )
+    ).first()
 
 
 def get_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem | None:
@@ -72,13 +88,26 @@ def queue_position(session: Session, item: MintQueueItem) -> int | None:
     ahead = session.scalar(
         select(func.count())
         .select_from(MintQueueItem)
-        .where(
-            MintQueueItem.status == "pending",
-            tuple_(MintQueueItem.created_at, MintQueueItem.queue_id)
-            < tuple_(item.created_at, item.queue_id),
-        )
+        .where(MintQueueItem.status == "pending", _claimed_before(item))
     )
     return int(ahead or 0) + 1
+
+
+def _claimed_before(item: MintQueueItem) -> ColumnElement[bool]:
+    """Rows that `MintQueueItem.claim_order()` puts ahead of `item`."""
+    arrived_before = tuple_(MintQueueItem.created_at, MintQueueItem.queue_id) < tuple_(
+        item.created_at, item.queue_id
+    )
+    deadline = MintQueueItem.settle_deadline
+    if item.settle_deadline is None:
+        return or_(deadline.is_not(None), arrived_before)
+    return and_(
+        deadline.is_not(None),
+        or_(
+            deadline < item.settle_deadline,
+            and_(deadline == item.settle_deadline, arrived_before),
+        ),
+    )
 
 
 def estimated_wait_seconds(position: int | None, ops: OperatingSettings) -> int | None:

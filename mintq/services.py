@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
 from mintq.chain import Chain
 from mintq.settings import Settings
+from mintq.x402_payments import X402Gateway
 
 
 @dataclass
@@ -16,6 +18,10 @@ class Services:
     settings: Settings
     sessions: sessionmaker[Session]
     chain: Chain
+
+    @cached_property
+    def x402(self) -> X402Gateway:
+        return X402Gateway(self.chain, self.settings.facilitator_url)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:

@@ -41,7 +41,19 @@ class Settings:
     beat_tick_seconds: float = 1.0
     lock_ttl_seconds: int = 30
     chain_timeout_seconds: float = 10.0
+    # An authorization must stay valid at least this long after intake to survive the queue.
+    min_authorization_validity_seconds: int = 300
+    # An authorization this close to expiry is failed (uncharged) rather than put in a batch.
+    settle_margin_seconds: int = 30
+    # How far back to search the chain for an authorization someone else submitted.
+    log_lookback_blocks: int = 100_000
     celery_broker_url: str = ""
+    # x402: how long a signed payment stays valid (the SDK client signs validBefore = now + this).
+    x402_max_timeout_seconds: int = 3600
+    # x402 versions advertised in a 402: the v2 header and/or the v1 body (both by default).
+    x402_versions: frozenset[int] = frozenset({1, 2})
+    # x402: verify and settle through this facilitator instead of settling in the batch.
+    facilitator_url: str | None = None
 
     def __repr__(self) -> str:  # never print the key, even by accident
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -83,6 +95,15 @@ class Settings:
                 raise ConfigError(f"{name} must not be negative, got {raw!r}")
             return value
 
+        def versions(raw: str) -> frozenset[int]:
+            try:
+                chosen = frozenset(int(v) for v in raw.split(",") if v.strip())
+            except ValueError:
+                chosen = frozenset()
+            if not chosen or not chosen <= {1, 2}:
+                raise ConfigError(f"X402_VERSIONS must list 1 and/or 2, got {raw!r}")
+            return chosen
+
         price = number("PRICE", "1000000", int)
         if price == 0:
             raise ConfigError("PRICE must be above zero")
@@ -103,5 +124,13 @@ class Settings:
             beat_tick_seconds=number("BEAT_TICK_SECONDS", "1", float),
             lock_ttl_seconds=number("LOCK_TTL_SECONDS", "30", int),
             chain_timeout_seconds=number("CHAIN_TIMEOUT_SECONDS", "10", float),
+            min_authorization_validity_seconds=number(
+                "MIN_AUTHORIZATION_VALIDITY_SECONDS", "300", int
+            ),
+            settle_margin_seconds=number("SETTLE_MARGIN_SECONDS", "30", int),
+            log_lookback_blocks=number("LOG_LOOKBACK_BLOCKS", "100000", int),
             celery_broker_url=source.get("CELERY_BROKER_URL", "").strip(),
+            x402_max_timeout_seconds=number("X402_MAX_TIMEOUT_SECONDS", "3600", int),
+            facilitator_url=source.get("FACILITATOR_URL", "").strip() or None,
+            x402_versions=versions(source.get("X402_VERSIONS", "").strip() or "2,1"),
         )

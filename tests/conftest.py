@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -32,6 +34,17 @@ MINT_AMOUNT = 100 * 10**18
 DEPLOYER_KEY = ANVIL_KEYS[0]
 MINTER_KEY = ANVIL_KEYS[1]
 PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
+AUTHORIZATION_FIELDS = [
+    {"name": name, "type": kind}
+    for name, kind in (
+        ("from", "address"),
+        ("to", "address"),
+        ("value", "uint256"),
+        ("validAfter", "uint256"),
+        ("validBefore", "uint256"),
+        ("nonce", "bytes32"),
+    )
+]
 TABLES = ("mint_history", "mint_queue", "batch_mints", "hot_wallets")
 
 
@@ -190,6 +203,52 @@ class Chainside:
 
     def pay(self, account: LocalAccount, amount: int = PRICE, to: str = PAY_TO) -> str:
         return pay_usdc(self.w3, self.deployment.usdc, account, to, amount)
+
+    def sign_authorization(
+        self,
+        payer: LocalAccount,
+        *,
+        value: int = PRICE,
+        to: str = PAY_TO,
+        valid_after: int | None = None,
+        valid_before: int | None = None,
+        nonce: bytes | None = None,
+        domain: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A `POST /mint` gasless body, signed by `payer` as a wallet would (eth_account)."""
+        now = int(time.time())
+        message = {
+            "from": payer.address,
+            "to": to,
+            "value": value,
+            "validAfter": now - 60 if valid_after is None else valid_after,
+            "validBefore": now + 3600 if valid_before is None else valid_before,
+            "nonce": nonce or secrets.token_bytes(32),
+        }
+        typed = {
+            "types": {"TransferWithAuthorization": AUTHORIZATION_FIELDS},
+            "primaryType": "TransferWithAuthorization",
+            "domain": {
+                "name": "USD Coin",
+                "version": "2",
+                "chainId": 31337,
+                "verifyingContract": self.deployment.usdc,
+                **(domain or {}),
+            },
+            "message": message,
+        }
+        signed = payer.sign_typed_data(full_message=typed)
+        return {
+            "paymentType": "gasless",
+            "authorization": {
+                **{k: str(v) for k, v in message.items() if k != "nonce"},
+                "nonce": "0x" + message["nonce"].hex(),  # type: ignore[attr-defined]
+            },
+            "signature": "0x" + bytes(signed.signature).hex(),
+        }
+
+    def usdc_balance(self, address: str) -> int:
+        return int(self.usdc.functions.balanceOf(address).call())
 
     def mint_balance(self, address: str) -> int:
         return int(self.token.functions.balanceOf(address).call())

@@ -1,0 +1,308 @@
+"""x402 payments through the official SDK: v2 `PAYMENT-SIGNATURE` and v1 `X-PAYMENT`.
+
+The SDK parses the headers and verifies the `exact` EVM payload (signature, amount, recipient,
+time window, and a simulated `transferWithAuthorization`). By default nothing is settled here:
+the verified authorization joins the queue and the nonce owner settles it in the mint's own
+transaction. With `FACILITATOR_URL` set, a remote facilitator verifies and settles at once
+and only the mint is queued.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from x402 import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequired,
+    PaymentRequiredV1,
+    PaymentRequirements,
+    ResourceInfo,
+    SettleResponse,
+    x402FacilitatorSync,
+)
+from x402.http import (
+    FacilitatorConfig,
+    HTTPFacilitatorClientSync,
+    decode_payment_signature_header,
+    encode_payment_required_header,
+    encode_payment_response_header,
+)
+from x402.mechanisms.evm import FacilitatorWeb3Signer
+from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme
+from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
+from x402.schemas import PaymentRequirementsV1
+
+from mintq import eip3009
+from mintq.chain import Chain
+from mintq.eip3009 import Authorization
+from mintq.errors import DependencyUnavailable, PaymentRejected
+from mintq.payments import VerifiedPayment, check_validity_window
+
+PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"  # v2
+X_PAYMENT = "X-PAYMENT"  # v1
+PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
+RESPONSE_HEADER = {2: "PAYMENT-RESPONSE", 1: "X-PAYMENT-RESPONSE"}
+
+# The SDK's verification verdicts, as the codes every other payment method answers with.
+REASONS: dict[str, tuple[str, int]] = {
+    "invalid_exact_evm_payload_signature": ("signature_invalid", 402),
+    "invalid_exact_evm_failed_to_verify_signature": ("signature_invalid", 402),
+    "invalid_exact_evm_payload_recipient_mismatch": ("wrong_recipient", 402),
+    "invalid_exact_evm_payload_authorization_value_mismatch": ("insufficient_payment", 402),
+    "invalid_exact_evm_payload_authorization_valid_before": ("authorization_expired", 402),
+    "invalid_exact_evm_payload_authorization_valid_after": ("authorization_not_yet_valid", 402),
+    "invalid_exact_evm_nonce_already_used": ("authorization_used", 409),
+    "invalid_exact_evm_insufficient_balance": ("insufficient_funds", 402),
+    "network_mismatch": ("wrong_network", 402),
+    "unsupported_scheme": ("unsupported_scheme", 402),
+    "missing_eip712_domain": ("wrong_token", 402),
+    "invalid_exact_evm_token_name_mismatch": ("wrong_token", 402),
+    "invalid_exact_evm_token_version_mismatch": ("wrong_token", 402),
+}
+
+
+@dataclass(frozen=True)
+class X402Payment:
+    """A decoded payment header, in its v2 form whichever version the client spoke."""
+
+    version: int
+    payload: PaymentPayload
+    authorization: Authorization
+    signature: bytes
+
+
+class X402Gateway:
+    """What `POST /mint` needs of x402: requirements, decoding, verification, response headers."""
+
+    def __init__(self, chain: Chain, facilitator_url: str | None = None) -> None:
+        self.chain = chain
+        self.facilitator_url = facilitator_url
+
+    @cached_property
+    def requirements(self) -> PaymentRequirements:
+        settings = self.chain.settings
+        domain = self.chain.usdc_domain
+        return PaymentRequirements(
+            scheme="exact",
+            network=self.chain.network,
+            asset=self.chain.usdc.address,
+            amount=str(settings.price),
+            pay_to=settings.pay_to,
+            max_timeout_seconds=settings.x402_max_timeout_seconds,
+            # Both always: the SDK client silently signs with version "1" without it.
+            extra={"name": domain.name, "version": domain.version},
+        )
+
+    @cached_property
+    def v1_network(self) -> str:
+        """The legacy v1 name of our chain ("base-sepolia"), or its CAIP-2 id if it has none."""
+        names = {chain_id: name for name, chain_id in V1_NETWORK_CHAIN_IDS.items()}
+        return names.get(self.chain.chain_id, self.chain.network)
+
+    def requirements_v1(self, resource_url: str) -> PaymentRequirementsV1:
+        req = self.requirements
+        return PaymentRequirementsV1(
+            scheme="exact",
+            network=self.v1_network,
+            max_amount_required=req.amount,
+            resource=resource_url,
+            description="One token mint",
+            mime_type="application/json",
+            pay_to=req.pay_to,
+            max_timeout_seconds=req.max_timeout_seconds,
+            asset=req.asset,
+            extra=req.extra,
+        )
+
+    @cached_property
+    def facilitator(self) -> Any:
+        """Local verification with the SDK's own EVM scheme, or the remote facilitator."""
+        if self.facilitator_url:
+            return HTTPFacilitatorClientSync(
+                FacilitatorConfig(
+                    url=self.facilitator_url, timeout=self.chain.settings.chain_timeout_seconds * 3
+                )
+            )
+        # The signer's key only names the `from` of the verification's eth_call: it never signs.
+        verifier = FacilitatorWeb3Signer("0x" + secrets.token_hex(32), self.chain.settings.rpc_url)
+        facilitator = x402FacilitatorSync()
+        facilitator.register([self.chain.network], ExactEvmFacilitatorScheme(verifier))
+        return facilitator
+
+    def payment_required(
+        self, resource_url: str, error: str = "Payment required"
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """The 402 answer: the v2 `PAYMENT-REQUIRED` header and a v1-compatible JSON body."""
+        v2 = PaymentRequired(
+            error=error,
+            accepts=[self.requirements],
+            resource=ResourceInfo(
+                url=resource_url, description="One token mint", mime_type="application/json"
+            ),
+        )
+        v1 = PaymentRequiredV1(error=error, accepts=[self.requirements_v1(resource_url)])
+        versions = self.chain.settings.x402_versions
+        # x402 clients read the v2 header when there is one, and the v1 body otherwise.
+        headers = {PAYMENT_REQUIRED: encode_payment_required_header(v2)} if 2 in versions else {}
+        body = v1.model_dump(by_alias=True, exclude_none=True) if 1 in versions else {}
+        return headers, body
+
+    def decode(self, header: Callable[[str], str | None]) -> X402Payment | None:
+        """The payment in the request's x402 header (`header(name)` looks one up), or None."""
+        v2_value = header(PAYMENT_SIGNATURE)
+        value = v2_value or header(X_PAYMENT)
+        if not value:
+            return None
+        version = 2 if v2_value else 1
+        try:
+            decoded = decode_payment_signature_header(value)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise _invalid_header(f"the {_header(version)} header is not an x402 payload") from exc
+        if version == 2:
+            if not isinstance(decoded, PaymentPayload) or decoded.x402_version != 2:
+                raise _invalid_header("PAYMENT-SIGNATURE must carry an x402 version 2 payload")
+            payload = decoded
+        else:
+            if not isinstance(decoded, PaymentPayloadV1) or decoded.x402_version != 1:
+                raise _invalid_header("X-PAYMENT must carry an x402 version 1 payload")
+            if decoded.scheme != "exact" or decoded.network != self.v1_network:
+                raise PaymentRejected(
+                    "The payment is for another scheme or network.",
+                    code="wrong_network",
+                    status=402,
+                    details={"scheme": decoded.scheme, "network": decoded.network},
+                )
+            # Same EIP-3009 payload either way: verify it against our v2 requirements.
+            payload = PaymentPayload(
+                x402_version=2, payload=decoded.payload, accepted=self.requirements
+            )
+        try:
+            authorization = Authorization.from_json(payload.payload["authorization"])
+            signature = bytes.fromhex(str(payload.payload["signature"]).removeprefix("0x"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _invalid_header("the payload has no valid EIP-3009 authorization") from exc
+        return X402Payment(version, payload, authorization, signature)
+
+    def payment_id(self, payment: X402Payment) -> str:
+        auth = payment.authorization
+        return eip3009.payment_id(
+            self.chain.chain_id, self.chain.usdc.address, auth.sender, auth.nonce
+        )
+
+    def verify(self, payment: X402Payment, now: float | None = None) -> VerifiedPayment:
+        """Verify with the SDK, then require the time the queue needs before settlement."""
+        if payment.payload.accepted != self.requirements:
+            raise PaymentRejected(
+                "The payment accepts different requirements than this server offers.",
+                code="requirements_mismatch",
+                status=402,
+            )
+        result = self._call_facilitator("verify", payment)
+        if not result.is_valid:
+            raise self._rejection(payment, result.invalid_reason, result.invalid_message)
+        auth = payment.authorization
+        check_validity_window(self.chain.settings, auth, time.time() if now is None else now)
+        return VerifiedPayment(
+            payment_id=self.payment_id(payment),
+            payment_type="x402",
+            payer=auth.sender,
+            recipient=auth.sender,
+            amount=auth.value,
+            payload={
+                "authorization": auth.as_json(),
+                "signature": "0x" + payment.signature.hex(),
+                "x402Version": payment.version,
+            },
+            settle_deadline=auth.valid_before,
+        )
+
+    def verify_and_settle(self, payment: X402Payment) -> VerifiedPayment:
+        """Remote facilitator mode: the facilitator moves the money now; we queue the mint."""
+        verified = self.verify(payment)
+        settled = self._call_facilitator("settle", payment)
+        if not settled.success or not settled.transaction:
+            raise PaymentRejected(
+                "The facilitator could not settle the payment.",
+                code="settlement_failed",
+                status=402,
+                details={"reason": settled.error_reason or "", "message": settled.error_message},
+            )
+        tx_hash = settled.transaction.lower()
+        return VerifiedPayment(
+            payment_id=tx_hash,
+            payment_type="x402",
+            payer=verified.payer,
+            recipient=verified.recipient,
+            amount=verified.amount,
+            payment_tx_hash=tx_hash,
+            payload=verified.payload,
+        )
+
+    def response_header(
+        self, payment: X402Payment, payer: str, transaction: str | None
+    ) -> tuple[str, str]:
+        """`PAYMENT-RESPONSE` (v2) or `X-PAYMENT-RESPONSE` (v1) for the paid answer.
+
+        Settlement is deferred to the batch unless a facilitator already settled, so
+        `transaction` may be empty; the mint's progress is at the queue item.
+        """
+        response = SettleResponse(
+            success=True,
+            transaction=transaction or "",
+            network=self.chain.network if payment.version == 2 else self.v1_network,
+            payer=payer,
+        )
+        return RESPONSE_HEADER[payment.version], encode_payment_response_header(response)
+
+    def _call_facilitator(self, action: str, payment: X402Payment) -> Any:
+        try:
+            return getattr(self.facilitator, action)(payment.payload, self.requirements)
+        except ValueError as exc:
+            if self.facilitator_url:  # the HTTP client raises ValueError for non-200 answers
+                raise DependencyUnavailable("facilitator", f"facilitator {action}: {exc}") from exc
+            raise _invalid_header(f"the payload could not be verified: {exc}") from exc
+        except OSError as exc:
+            raise DependencyUnavailable("facilitator" if self.facilitator_url else "chain") from exc
+
+    def _rejection(
+        self, payment: X402Payment, reason: str | None, message: str | None
+    ) -> PaymentRejected:
+        code, status = REASONS.get(reason or "", ("payment_invalid", 402))
+        if reason == "invalid_exact_evm_transaction_simulation_failed":
+            code, status = self._explain_failed_simulation(payment)
+        return PaymentRejected(
+            message or "The payment did not verify.",
+            code=code,
+            status=status,
+            details={"reason": reason or ""},
+        )
+
+    def _explain_failed_simulation(self, payment: X402Payment) -> tuple[str, int]:
+        """Name the cause when the SDK can only say that the simulated settlement reverted."""
+        auth = payment.authorization
+        usdc = self.chain.usdc.functions
+        used, balance = self.chain.call(
+            lambda: (
+                usdc.authorizationState(auth.sender, auth.nonce).call(),
+                usdc.balanceOf(auth.sender).call(),
+            )
+        )
+        if used:
+            return "authorization_used", 409
+        if balance < auth.value:
+            return "insufficient_funds", 402
+        return "settlement_would_fail", 402
+
+
+def _header(version: int) -> str:
+    return PAYMENT_SIGNATURE if version == 2 else X_PAYMENT
+
+
+def _invalid_header(message: str) -> PaymentRejected:
+    return PaymentRejected(message, code="invalid_payment_header", status=400)

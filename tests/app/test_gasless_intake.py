@@ -1,0 +1,204 @@
+"""Gasless (EIP-3009) intake: verified at the door, before any row exists."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
+from test_api import assert_error, row_count
+
+from app import create_app
+from conftest import PRICE, Chainside
+from deploy.pay import send_and_wait
+from mintq.services import Services
+from mintq.settings import Settings
+
+
+@pytest.fixture
+def client(services: Services) -> FlaskClient:
+    return create_app(services=services).test_client()
+
+
+def test_a_valid_authorization_is_queued_and_its_replay_is_the_same_item(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    first = client.post("/mint", json=body)
+    assert first.status_code == 202, first.get_data(as_text=True)
+    item = first.get_json()
+    assert item["paymentType"] == "gasless"
+    assert item["payer"] == item["recipient"] == payer.address
+    assert item["status"] == "pending"
+    # Nothing moved yet: the nonce owner settles it together with the mint.
+    assert chainside.usdc_balance(payer.address) == PRICE
+
+    replay = client.post("/mint", json=body)
+    assert replay.status_code == 200
+    assert replay.get_json()["queueId"] == item["queueId"]
+    assert row_count(settings) == 1
+
+
+def test_v_as_0_or_1_is_accepted(client: FlaskClient, chainside: Chainside) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    sig = bytes.fromhex(body["signature"][2:])
+    body["signature"] = "0x" + (sig[:64] + bytes([sig[64] - 27])).hex()
+    assert client.post("/mint", json=body).status_code == 202
+
+
+def _flip_s(signature: str) -> str:
+    """The malleable twin of a signature: same signer, s -> n - s, v flipped."""
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    raw = bytes.fromhex(signature[2:])
+    s = n - int.from_bytes(raw[32:64], "big")
+    return "0x" + (raw[:32] + s.to_bytes(32, "big") + bytes([55 - raw[64]])).hex()
+
+
+def _bad_cases(chainside: Chainside) -> list[tuple[str, dict[str, Any], int, str]]:
+    now = int(time.time())
+    payer = chainside.new_payer(usdc=PRICE)
+    poor = chainside.new_payer(usdc=PRICE - 1)
+    stranger = chainside.new_payer()
+    lookalike_domain = {"verifyingContract": "0x" + "42" * 20}
+
+    good = chainside.sign_authorization(payer)
+    foreign = chainside.sign_authorization(stranger)
+    foreign["authorization"]["from"] = payer.address  # someone else's signature
+    tampered = chainside.sign_authorization(payer)
+    tampered["authorization"]["value"] = str(PRICE * 2)  # signed for less than claimed
+    return [
+        ("foreign signature", foreign, 422, "signature_invalid"),
+        ("tampered value", tampered, 422, "signature_invalid"),
+        ("garbage signature", {**good, "signature": "0x" + "11" * 65}, 422, "signature_invalid"),
+        ("short signature", {**good, "signature": "0x1234"}, 422, "signature_invalid"),
+        ("malleable high-s", {**good, "signature": _flip_s(good["signature"])}, 422,
+         "signature_invalid"),
+        ("wrong chain id", chainside.sign_authorization(payer, domain={"chainId": 1}), 422,
+         "signature_invalid"),
+        ("wrong verifying contract", chainside.sign_authorization(payer, domain=lookalike_domain),
+         422, "signature_invalid"),
+        ("wrong domain version", chainside.sign_authorization(payer, domain={"version": "1"}),
+         422, "signature_invalid"),
+        ("wrong to", chainside.sign_authorization(payer, to="0x" + "99" * 20), 422,
+         "wrong_recipient"),
+        ("too little value", chainside.sign_authorization(payer, value=PRICE - 1), 402,
+         "insufficient_payment"),
+        ("expired", chainside.sign_authorization(payer, valid_before=now - 1), 422,
+         "authorization_expired"),
+        ("expires within the queue time", chainside.sign_authorization(
+            payer, valid_before=now + 30), 422, "authorization_expires_too_soon"),
+        ("not yet valid", chainside.sign_authorization(payer, valid_after=now + 600), 422,
+         "authorization_not_yet_valid"),
+        ("payer lacks funds", chainside.sign_authorization(poor), 402, "insufficient_funds"),
+        ("missing signature", {k: v for k, v in good.items() if k != "signature"}, 400,
+         "validation_error"),
+        ("bad from", {**good, "authorization": {**good["authorization"], "from": "0x12"}}, 400,
+         "validation_error"),
+        ("negative value", {**good, "authorization": {**good["authorization"], "value": "-1"}},
+         400, "validation_error"),
+        ("value too big", {**good, "authorization": {**good["authorization"],
+                                                     "value": str(2**256)}}, 400,
+         "validation_error"),
+        ("short nonce", {**good, "authorization": {**good["authorization"], "nonce": "0x01"}},
+         400, "validation_error"),
+        ("bool value", {**good, "authorization": {**good["authorization"], "value": True}}, 400,
+         "validation_error"),
+    ]  # fmt: skip
+
+
+def test_bad_authorizations_get_their_code_and_leave_nothing(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    failures = []
+    for name, body, status, code in _bad_cases(chainside):
+        response = client.post("/mint", json=body)
+        got = (response.status_code, (response.get_json() or {}).get("error"))
+        if got != (status, code):
+            failures.append(f"{name}: expected {(status, code)}, got {got}")
+    assert not failures, "\n".join(failures)
+    assert row_count(settings) == 0
+
+
+def submit_on_chain(chainside: Chainside, body: dict[str, Any]) -> str:
+    """Someone (anyone may) submits the authorization to USDC directly."""
+    auth = body["authorization"]
+    sig = bytes.fromhex(body["signature"][2:])
+    return send_and_wait(
+        chainside.w3,
+        chainside.new_payer(),
+        chainside.usdc.functions.transferWithAuthorization(
+            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]),
+            int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]),
+            sig[64], sig[:32], sig[32:64],
+        ),
+    )  # fmt: skip
+
+
+def test_an_authorization_someone_else_settled_to_us_is_queued_as_paid(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    settled_in = submit_on_chain(chainside, body)
+    assert chainside.usdc_balance(payer.address) == 0
+    response = client.post("/mint", json=body)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["payer"] == payer.address
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT payment_tx_hash, settle_deadline FROM mint_queue")).one()
+    engine.dispose()
+    assert row == (settled_in, None)
+
+
+def test_a_cancelled_authorization_is_refused_at_the_door(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    nonce = bytes.fromhex(body["authorization"]["nonce"][2:])
+    cancel = payer.sign_typed_data(
+        full_message={
+            "types": {
+                "CancelAuthorization": [
+                    {"name": "authorizer", "type": "address"},
+                    {"name": "nonce", "type": "bytes32"},
+                ]
+            },
+            "primaryType": "CancelAuthorization",
+            "domain": {
+                "name": "USD Coin",
+                "version": "2",
+                "chainId": 31337,
+                "verifyingContract": chainside.deployment.usdc,
+            },
+            "message": {"authorizer": payer.address, "nonce": nonce},
+        }
+    )
+    send_and_wait(
+        chainside.w3,
+        payer,
+        chainside.usdc.functions.cancelAuthorization(
+            payer.address, nonce, cancel.v, cancel.r.to_bytes(32), cancel.s.to_bytes(32)
+        ),
+    )
+    assert_error(client.post("/mint", json=body), 409, "authorization_used")
+    assert row_count(settings) == 0
+
+
+def test_a_paid_authorization_to_someone_else_is_refused(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    elsewhere = chainside.sign_authorization(payer, to="0x" + "77" * 20)
+    submit_on_chain(chainside, elsewhere)
+    # Same nonce, now presented to us with our payTo: the nonce is spent and we were not paid.
+    ours = chainside.sign_authorization(
+        payer, nonce=bytes.fromhex(elsewhere["authorization"]["nonce"][2:])
+    )
+    assert_error(client.post("/mint", json=ours), 409, "authorization_used")
+    assert row_count(settings) == 0

@@ -1,0 +1,436 @@
+"""MintToken.batchSettleAndMint on a real anvil: each item settles an EIP-3009 authorization on
+MockUSDC and is minted only if it settled, so a payer is charged exactly when minted for."""
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+import test_mint_token
+from eth_abi import encode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from test_mint_token import (
+    MINT_AMOUNT,
+    ZERO_ADDRESS,
+    Chain,
+    assert_reverts_with,
+    fresh_ids,
+    fresh_recipients,
+    send,
+)
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCError
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+PRICE = 1_000_000  # 1 USDC
+AUTHORIZATION_TYPES = {
+    "TransferWithAuthorization": [
+        {"name": "from", "type": "address"},
+        {"name": "to", "type": "address"},
+        {"name": "value", "type": "uint256"},
+        {"name": "validAfter", "type": "uint256"},
+        {"name": "validBefore", "type": "uint256"},
+        {"name": "nonce", "type": "bytes32"},
+    ]
+}
+# Runtime code for contract wallets, installed with anvil_setCode. ERC-1271 wallet that accepts
+# any signature: returns isValidSignature's magic value 0x1626ba7e to every call.
+ACCEPT_ALL_WALLET = "0x631626ba7e60e01b60005260206000f3"
+# A wallet whose every call loops until it runs out of gas.
+GAS_BURNING_WALLET = "0x5b600056"
+
+
+def selector(signature: str) -> bytes:
+    return bytes(Web3.keccak(text=signature)[:4])
+
+
+INVALID_SIGNATURE = selector("ERC3009InvalidSignature()")
+INVALID_TIME = selector("ERC3009InvalidAuthorizationTime(uint256,uint256)")
+USED_AUTHORIZATION = selector("ERC3009UsedAuthorization(address,bytes32)")
+INSUFFICIENT_BALANCE = selector("ERC20InsufficientBalance(address,uint256,uint256)")
+
+
+# The same module-scoped fixture as test_mint_token's: an anvil of this module's own.
+chain = test_mint_token.chain
+
+
+@dataclass(frozen=True)
+class Item:
+    """One `MintItem`: a mint and the authorization that pays for it."""
+
+    recipient: str
+    payment_id: bytes
+    sender: str  # `from`; the zero address means "already paid"
+    value: int = 0
+    valid_after: int = 0
+    valid_before: int = 0
+    nonce: bytes = bytes(32)
+    signature: bytes = b""
+
+    def as_abi(self) -> tuple[Any, ...]:
+        return (
+            self.recipient,
+            self.payment_id,
+            self.sender,
+            self.value,
+            self.valid_after,
+            self.valid_before,
+            self.nonce,
+            self.signature,
+        )
+
+
+def now(chain: Chain) -> int:
+    return int(chain.w3.eth.get_block("latest")["timestamp"])
+
+
+def fund(chain: Chain, addresses: Sequence[str], amount: int) -> None:
+    """Mint test USDC to each address, sending every transaction before waiting for any."""
+    nonce = chain.w3.eth.get_transaction_count(chain.admin.address, "pending")
+    tx_hashes = []
+    for i, address in enumerate(addresses):
+        tx = chain.usdc.functions.mint(address, amount).build_transaction(
+            {"from": chain.admin.address, "nonce": nonce + i, "gas": 100_000}
+        )
+        signed = chain.admin.sign_transaction(tx)
+        tx_hashes.append(chain.w3.eth.send_raw_transaction(signed.raw_transaction))
+    for tx_hash in tx_hashes:
+        assert chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)["status"] == 1
+
+
+def authorize(
+    chain: Chain,
+    payer: LocalAccount,
+    pay_to: str,
+    value: int = PRICE,
+    *,
+    valid_before: int | None = None,
+    signer: LocalAccount | None = None,
+) -> Item:
+    """An item for a fresh recipient and payment id, paid by `payer`'s signed authorization."""
+    nonce = secrets.token_bytes(32)
+    if valid_before is None:
+        valid_before = now(chain) + 3600
+    message = {
+        "from": payer.address,
+        "to": pay_to,
+        "value": value,
+        "validAfter": 0,
+        "validBefore": valid_before,
+        "nonce": nonce,
+    }
+    domain = {
+        "name": "USD Coin",
+        "version": "2",
+        "chainId": chain.deployment.chain_id,
+        "verifyingContract": chain.deployment.usdc,
+    }
+    signed = Account.sign_typed_data((signer or payer).key, domain, AUTHORIZATION_TYPES, message)
+    return Item(
+        recipient=fresh_recipients(1)[0],
+        payment_id=fresh_ids(1)[0],
+        sender=payer.address,
+        value=value,
+        valid_before=valid_before,
+        nonce=nonce,
+        signature=bytes(signed.signature),
+    )
+
+
+def paid_item() -> Item:
+    return Item(recipient=fresh_recipients(1)[0], payment_id=fresh_ids(1)[0], sender=ZERO_ADDRESS)
+
+
+def funded_payers(chain: Chain, n: int, amount: int = PRICE) -> list[LocalAccount]:
+    payers = [Account.create() for _ in range(n)]
+    fund(chain, [payer.address for payer in payers], amount)
+    return payers
+
+
+def settle_and_mint(chain: Chain, pay_to: str, items: Sequence[Item]) -> Any:
+    return chain.token.functions.batchSettleAndMint(
+        chain.deployment.usdc, pay_to, [item.as_abi() for item in items]
+    )
+
+
+def usdc_balance(chain: Chain, address: str) -> int:
+    return int(chain.usdc.functions.balanceOf(address).call())
+
+
+def is_minted(chain: Chain, item: Item) -> bool:
+    minted = bool(chain.token.functions.minted(item.payment_id).call())
+    balance = chain.token.functions.balanceOf(item.recipient).call()
+    assert balance == (MINT_AMOUNT if minted else 0)
+    return minted
+
+
+def authorization_used(chain: Chain, item: Item) -> bool:
+    return bool(chain.usdc.functions.authorizationState(item.sender, item.nonce).call())
+
+
+def events(contract: Contract, name: str, receipt: TxReceipt) -> list[tuple[Any, ...]]:
+    return [
+        tuple(event.args.values())
+        for event in contract.events[name]().process_receipt(receipt, errors=DISCARD)
+    ]
+
+
+def test_mixed_batch_mints_exactly_the_settled_and_already_paid_items(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    payers = funded_payers(chain, 7)
+    broke = Account.create()
+    valid = [authorize(chain, payer, pay_to) for payer in payers[:3]]
+    already_paid = paid_item()
+    expired = authorize(chain, payers[3], pay_to, valid_before=now(chain) - 1)
+    forged = authorize(chain, payers[4], pay_to, signer=Account.create())
+    unfunded = authorize(chain, broke, pay_to)
+    used = authorize(chain, payers[5], pay_to)
+    # Someone else settles `used` directly on USDC first (anyone may submit an authorization).
+    fund(chain, [payers[5].address], PRICE)
+    sig = used.signature
+    direct = chain.usdc.functions.transferWithAuthorization(
+        used.sender, pay_to, used.value, used.valid_after, used.valid_before, used.nonce,
+        sig[64], sig[:32], sig[32:64],
+    )  # fmt: skip
+    assert send(chain, chain.outsider, direct)["status"] == 1
+    already_minted = authorize(chain, payers[6], pay_to)
+    send(
+        chain,
+        chain.minter,
+        chain.token.functions.batchMint([already_minted.recipient], [already_minted.payment_id]),
+    )
+    batch = [
+        valid[0], expired, already_paid, forged, valid[1], unfunded, used, already_minted,
+        valid[2],
+    ]  # fmt: skip
+    failed = [expired, forged, unfunded, used]
+    balances = {item.sender: usdc_balance(chain, item.sender) for item in batch}
+    pay_to_before = usdc_balance(chain, pay_to)
+
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, batch))
+
+    assert receipt["status"] == 1
+    assert events(chain.token, "Minted", receipt) == [
+        (item.payment_id, item.recipient, MINT_AMOUNT)
+        for item in (valid[0], already_paid, valid[1], valid[2])
+    ]
+    assert events(chain.token, "MintSkipped", receipt) == [
+        (already_minted.payment_id, already_minted.recipient)
+    ]
+    failures = events(chain.token, "SettlementFailed", receipt)
+    assert [(payment_id, sender) for payment_id, sender, _ in failures] == [
+        (item.payment_id, item.sender) for item in failed
+    ]
+    # The revert data of OpenZeppelin's ERC3009/ERC20 custom errors, as USDC returned them.
+    assert [reason for _, _, reason in failures] == [
+        INVALID_TIME + encode(["uint256", "uint256"], [0, expired.valid_before]),
+        INVALID_SIGNATURE,
+        INSUFFICIENT_BALANCE + encode(["address", "uint256", "uint256"], [broke.address, 0, PRICE]),
+        USED_AUTHORIZATION + encode(["address", "bytes32"], [used.sender, used.nonce]),
+    ]
+    for item in valid:
+        assert is_minted(chain, item)
+        assert authorization_used(chain, item)
+        assert usdc_balance(chain, item.sender) == balances[item.sender] - PRICE
+    assert is_minted(chain, already_paid)
+    assert usdc_balance(chain, pay_to) == pay_to_before + 3 * PRICE
+    for item in failed:
+        assert not is_minted(chain, item)
+        assert usdc_balance(chain, item.sender) == balances[item.sender]
+    for item in (expired, forged, unfunded):
+        assert not authorization_used(chain, item)
+    # Skipped before settling: the payer keeps their money and the authorization stays usable.
+    assert not authorization_used(chain, already_minted)
+    assert usdc_balance(chain, already_minted.sender) == PRICE
+    assert chain.token.functions.balanceOf(already_minted.recipient).call() == MINT_AMOUNT
+
+
+def test_a_payment_id_repeated_in_one_batch_is_settled_once(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    first, second = (authorize(chain, payer, pay_to) for payer in funded_payers(chain, 2))
+    second = replace(second, payment_id=first.payment_id)
+
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, [first, second]))
+
+    assert receipt["status"] == 1
+    assert is_minted(chain, first)
+    assert chain.token.functions.balanceOf(second.recipient).call() == 0
+    assert events(chain.token, "MintSkipped", receipt) == [(second.payment_id, second.recipient)]
+    assert not authorization_used(chain, second)
+    assert usdc_balance(chain, second.sender) == PRICE
+    assert usdc_balance(chain, pay_to) == PRICE
+
+
+def test_zero_recipient_is_skipped_without_settling(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    (payer,) = funded_payers(chain, 1)
+    item = replace(authorize(chain, payer, pay_to), recipient=ZERO_ADDRESS)
+
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, [item]))
+
+    assert receipt["status"] == 1
+    assert events(chain.token, "MintSkipped", receipt) == [(item.payment_id, ZERO_ADDRESS)]
+    assert not chain.token.functions.minted(item.payment_id).call()
+    assert not authorization_used(chain, item)
+    assert usdc_balance(chain, payer.address) == PRICE
+
+
+def test_v_27_and_28_settle_and_v_0_or_1_is_rejected(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    items: dict[int, Item] = {}
+    while len(items) < 2:  # eth_account signs with v = 27 or 28, each about half the time
+        payer = Account.create()
+        item = authorize(chain, payer, pay_to)
+        items.setdefault(item.signature[64], item)
+    fund(chain, [item.sender for item in items.values()], PRICE)
+    assert sorted(items) == [27, 28]
+    # The same kind of signatures with v written as 0/1 (as some signers produce them).
+    normalised = [
+        replace(item, signature=item.signature[:64] + bytes([item.signature[64] - 27]))
+        for item in (authorize(chain, payer, pay_to) for payer in funded_payers(chain, 2))
+    ]
+    batch = [*items.values(), *normalised]
+
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, batch))
+
+    assert receipt["status"] == 1
+    for item in items.values():
+        assert is_minted(chain, item)
+    assert events(chain.token, "SettlementFailed", receipt) == [
+        (item.payment_id, item.sender, INVALID_SIGNATURE) for item in normalised
+    ]
+    for item in normalised:
+        assert not is_minted(chain, item)
+        assert usdc_balance(chain, item.sender) == PRICE
+
+
+def set_code(chain: Chain, address: str, code: str) -> None:
+    response = chain.w3.provider.make_request("anvil_setCode", [address, code])
+    assert "error" not in response, response
+
+
+def test_contract_wallet_settles_through_erc1271_with_a_non_ecdsa_signature(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    wallet = Account.create()
+    set_code(chain, wallet.address, ACCEPT_ALL_WALLET)
+    fund(chain, [wallet.address], PRICE)
+    item = replace(authorize(chain, wallet, pay_to), signature=b"a passkey assertion, say" * 7)
+
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, [item]))
+
+    assert receipt["status"] == 1
+    assert is_minted(chain, item)
+    assert usdc_balance(chain, wallet.address) == 0
+    assert usdc_balance(chain, pay_to) == PRICE
+
+
+def test_a_gas_burning_wallet_costs_the_batch_at_most_the_settlement_gas(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    burner = Account.create()
+    set_code(chain, burner.address, GAS_BURNING_WALLET)
+    fund(chain, [burner.address], PRICE)
+    burning = authorize(chain, burner, pay_to)
+    valid = [authorize(chain, payer, pay_to) for payer in funded_payers(chain, 2)]
+    settlement_gas = chain.token.functions.SETTLEMENT_GAS().call()
+    batch = [valid[0], burning, valid[1]]
+
+    # Gas estimated by the node: the batch gets through, the burner fails alone.
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, batch))
+
+    assert receipt["status"] == 1
+    # OpenZeppelin's SignatureChecker treats the wallet running out of gas as "not valid".
+    assert events(chain.token, "SettlementFailed", receipt) == [
+        (burning.payment_id, burner.address, INVALID_SIGNATURE)
+    ]
+    assert all(is_minted(chain, item) for item in valid)
+    assert not is_minted(chain, burning)
+    assert usdc_balance(chain, burner.address) == PRICE
+    print(f"batch with a gas-burning wallet: {receipt['gasUsed']:,} gas")
+    assert settlement_gas < receipt["gasUsed"] < settlement_gas + 250_000
+
+
+def test_no_gas_limit_makes_a_valid_authorization_fail_as_a_settlement(chain: Chain) -> None:
+    """Too little gas fails the transaction; it never turns into a SettlementFailed item."""
+    pay_to = fresh_recipients(1)[0]
+    limits = list(range(60_000, 160_000, 4_000))
+    payers = funded_payers(chain, len(limits))
+    outcomes = set()
+    for payer, limit in zip(payers, limits, strict=True):
+        item = authorize(chain, payer, pay_to)
+        call = settle_and_mint(chain, pay_to, [item])
+        try:
+            call.call({"from": chain.minter.address, "gas": limit})
+            outcomes.add("ok")
+        except ContractCustomError as exc:
+            assert_reverts_with(exc, "SettlementOutOfGas()")
+            outcomes.add("SettlementOutOfGas")
+        except Web3RPCError as exc:  # out of gas outside the settlement
+            assert "OutOfGas" in str(exc) or "OOG" in str(exc)
+            outcomes.add("out of gas")
+
+        receipt = send(chain, chain.minter, call, gas=limit)
+
+        assert events(chain.token, "SettlementFailed", receipt) == []
+        settled = receipt["status"] == 1
+        assert is_minted(chain, item) == settled
+        assert authorization_used(chain, item) == settled
+        assert usdc_balance(chain, payer.address) == (0 if settled else PRICE)
+    assert outcomes == {"ok", "SettlementOutOfGas", "out of gas"}
+
+
+def test_non_minter_is_reverted(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    (payer,) = funded_payers(chain, 1)
+    item = authorize(chain, payer, pay_to)
+    call = settle_and_mint(chain, pay_to, [item])
+
+    with pytest.raises(ContractCustomError) as exc_info:
+        call.call({"from": chain.outsider.address})
+    assert_reverts_with(exc_info.value, "AccessControlUnauthorizedAccount(address,bytes32)")
+    receipt = send(chain, chain.outsider, call, gas=300_000)
+    assert receipt["status"] == 0
+    assert not is_minted(chain, item)
+    assert not authorization_used(chain, item)
+    assert usdc_balance(chain, payer.address) == PRICE
+
+
+def test_empty_batch_is_reverted(chain: Chain) -> None:
+    with pytest.raises(ContractCustomError) as exc_info:
+        settle_and_mint(chain, fresh_recipients(1)[0], []).call({"from": chain.minter.address})
+    assert_reverts_with(exc_info.value, "EmptyBatch()")
+
+
+def test_a_usdc_address_without_code_reverts_the_batch(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    (payer,) = funded_payers(chain, 1)
+    item = authorize(chain, payer, pay_to)
+    call = chain.token.functions.batchSettleAndMint(fresh_recipients(1)[0], pay_to, [item.as_abi()])
+
+    # Solidity checks for code before the call, outside the try: this is not a SettlementFailed.
+    with pytest.raises(ContractLogicError):
+        call.call({"from": chain.minter.address})
+
+
+def test_settle_and_mint_gas(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    per_item = {}
+    for n in (1, 100):
+        items = [authorize(chain, payer, pay_to) for payer in funded_payers(chain, n)]
+        receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, items))
+        assert receipt["status"] == 1
+        assert len(events(chain.token, "Minted", receipt)) == n
+        per_item[n] = receipt["gasUsed"] / n
+        print(
+            f"batchSettleAndMint {n:>3}: {receipt['gasUsed']:>10,} gas, {per_item[n]:,.0f} per item"
+        )
+    receipt = send(
+        chain, chain.minter, chain.token.functions.batchMint(fresh_recipients(100), fresh_ids(100))
+    )
+    plain = receipt["gasUsed"] / 100
+    print(f"batchMint          100: {receipt['gasUsed']:>10,} gas, {plain:,.0f} per item")
+    print(f"settling adds {per_item[100] - plain:,.0f} gas per item at 100")
+    assert per_item[100] < 100_000
