@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from eth_utils import is_address, to_checksum_address
@@ -18,7 +19,7 @@ from mintq.eip3009 import Authorization
 from mintq.errors import MintqError, PaymentRejected
 from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.services import Services
-from mintq.x402_payments import X402Payment
+from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402Payment
 
 bp = Blueprint("api", __name__)
 
@@ -111,9 +112,12 @@ def get_config() -> Response:
 @bp.post("/mint")
 def post_mint() -> tuple[Response, int]:
     """Verify a payment and queue one mint for it; the same payment again returns its item."""
-    payment = services().x402.decode(request.headers.get)
-    if payment is not None:
-        return _x402_mint(payment)
+    gateway = services().x402
+    if request.headers.get(PAYMENT_SIGNATURE) or request.headers.get(X_PAYMENT):
+        with _x402_refusals_repeat_requirements(gateway):
+            payment = gateway.decode(request.headers.get)
+            assert payment is not None
+            return _x402_mint(gateway, payment)
     body = _read_json_body()
     if body is None:
         raise _payment_required()
@@ -134,26 +138,29 @@ def post_mint() -> tuple[Response, int]:
     )
 
 
-def _x402_mint(payment: X402Payment) -> tuple[Response, int]:
-    """Queue an x402 payment; a refused one answers 402 with the requirements again."""
-    gateway = services().x402
+@contextmanager
+def _x402_refusals_repeat_requirements(gateway: X402Gateway) -> Iterator[None]:
+    """A refused x402 payment answers with the requirements again, so clients can retry."""
     try:
-        if gateway.facilitator_url:
-            auth = payment.authorization
-            existing = queue.find_by_authorization(db(), auth.sender, auth.nonce)
-            response, status = _queue_once(
-                existing.payment_id if existing else None,
-                lambda: gateway.verify_and_settle(payment),
-            )
-        else:
-            response, status = _queue_once(
-                gateway.payment_id(payment), lambda: gateway.verify(payment)
-            )
+        yield
     except PaymentRejected as exc:
         headers, body = gateway.payment_required(request.url, exc.message)
         exc.headers.update(headers)
         exc.body.update(body)
         raise
+
+
+def _x402_mint(gateway: X402Gateway, payment: X402Payment) -> tuple[Response, int]:
+    """Queue an x402 payment (or, with a facilitator, settle it and queue the mint)."""
+    if gateway.facilitator_url:
+        auth = payment.authorization
+        existing = queue.find_by_authorization(db(), auth.sender, auth.nonce)
+        response, status = _queue_once(
+            existing.payment_id if existing else None,
+            lambda: gateway.verify_and_settle(payment),
+        )
+    else:
+        response, status = _queue_once(gateway.payment_id(payment), lambda: gateway.verify(payment))
     item = response.get_json()
     name, value = gateway.response_header(
         payment, item["payer"], item["paymentId"] if gateway.facilitator_url else None

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ from redis import Redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from web3 import Web3
+from werkzeug.serving import make_server
 
 from db.session import make_engine, make_session_factory
 from deploy.devchain import ANVIL_KEYS, Anvil, Deployment, deploy, start_anvil
@@ -260,3 +263,16 @@ class Chainside:
 @pytest.fixture(scope="session")
 def chainside(w3: Web3, deployment: Deployment) -> Chainside:
     return Chainside(w3, deployment)
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Serve a WSGI app on a loopback port in a thread (real HTTP for real HTTP clients)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
