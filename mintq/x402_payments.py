@@ -54,7 +54,7 @@ REASONS: dict[str, tuple[str, int]] = {
     "invalid_exact_evm_payload_signature": ("signature_invalid", 402),
     "invalid_exact_evm_failed_to_verify_signature": ("signature_invalid", 402),
     "invalid_exact_evm_payload_recipient_mismatch": ("wrong_recipient", 402),
-    "invalid_exact_evm_payload_authorization_value_mismatch": ("insufficient_payment", 402),
+    "invalid_exact_evm_payload_authorization_value_mismatch": ("wrong_amount", 402),
     "invalid_exact_evm_payload_authorization_valid_before": ("authorization_expired", 402),
     "invalid_exact_evm_payload_authorization_valid_after": ("authorization_not_yet_valid", 402),
     "invalid_exact_evm_nonce_already_used": ("authorization_used", 409),

@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from conftest import MINT_AMOUNT, PRICE, Chainside, service_env
+from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, service_env
 from deploy.stack import (
     Supervisor,
     api_command,
@@ -142,3 +143,56 @@ def test_fifty_concurrent_payments_are_each_minted_exactly_once(
     assert "nonce too low" not in logs
     assert "replacement transaction underpriced" not in logs
     assert '"level": "error"' not in logs
+
+
+def test_a_hundred_mixed_payments_at_once_charge_and_mint_each_payer_exactly_once(
+    system: RunningSystem, chainside: Chainside, settings: Settings
+) -> None:
+    from x402 import x402ClientSync
+    from x402.http.clients.requests import x402_requests
+    from x402.mechanisms.evm.exact import register_exact_evm_client
+
+    kinds = ["custom"] * 34 + ["gasless"] * 33 + ["x402"] * 33
+    payers = [chainside.new_payer(usdc=PRICE) for _ in kinds]
+    custom_hashes = {
+        p.address: chainside.pay(p) for p, kind in zip(payers, kinds, strict=True)
+        if kind == "custom"
+    }  # fmt: skip
+    pay_to_before = chainside.usdc_balance(PAY_TO)
+
+    def submit(job: tuple[str, Any]) -> requests.Response:
+        kind, payer = job
+        url = f"{system.api}/mint"
+        if kind == "custom":
+            body = {"paymentType": "custom", "txHash": custom_hashes[payer.address]}
+            return requests.post(url, json=body, timeout=60)
+        if kind == "gasless":
+            return requests.post(url, json=chainside.sign_authorization(payer), timeout=60)
+        client = x402ClientSync()
+        register_exact_evm_client(client, payer)
+        client.set_spend_controls(
+            {"allowed_assets": [{"network": "eip155:*", "asset": chainside.deployment.usdc}]}
+        )
+        return x402_requests(client).post(url, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(submit, zip(kinds, payers, strict=True)))
+    assert [r.status_code for r in responses] == [202] * 100, [r.text for r in responses][:3]
+    items = wait_until_final(system.api, [r.json()["queueId"] for r in responses], timeout=120)
+    assert {i["status"] for i in items} == {"completed"}
+    assert sorted(i["paymentType"] for i in items) == sorted(kinds)
+
+    for payer in payers:
+        assert chainside.mint_balance(payer.address) == MINT_AMOUNT
+        assert chainside.usdc_balance(payer.address) == 0
+    # The 66 authorizations were settled inside the batches; the 34 transfers before them.
+    assert chainside.usdc_balance(PAY_TO) == pay_to_before + 66 * PRICE
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        batches = conn.execute(text("SELECT size, status FROM batch_mints")).all()
+        history = conn.scalar(text("SELECT count(*) FROM mint_history"))
+    engine.dispose()
+    assert sum(size for size, _ in batches) == 100
+    assert {status for _, status in batches} == {"confirmed"}
+    assert history == 100
+    assert '"level": "error"' not in system.log_text().lower()
