@@ -17,7 +17,7 @@ from db.models import MintQueueItem
 from mintq import eip3009, payments, queue
 from mintq.eip3009 import Authorization
 from mintq.errors import MintqError, PaymentRejected
-from mintq.operating import OperatingSettings, load_operating_settings
+from mintq.operating import OperatingSettings
 from mintq.services import Services
 from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402Payment
 
@@ -179,7 +179,7 @@ def _queue_once(
     if item is None:
         item, created = queue.enqueue(session, verify())
         session.commit()
-    ops = load_operating_settings(session)
+    ops = services().operating(session)
     return jsonify(_item_view(session, item, ops)), 202 if created else 200
 
 
@@ -198,7 +198,7 @@ def get_queue_item(queue_id: str) -> Response:
     item = queue.get_item(session, _parse_queue_id(queue_id))
     if item is None:
         raise MintqError("No such queue item.", code="queue_item_not_found", status=404)
-    return jsonify(_item_view(session, item, load_operating_settings(session)))
+    return jsonify(_item_view(session, item, services().operating(session)))
 
 
 @bp.get("/queue/payer/<address>")
@@ -209,7 +209,7 @@ def get_payer_items(address: str) -> Response:
         )
     payer = to_checksum_address(address)
     session = db()
-    ops = load_operating_settings(session)
+    ops = services().operating(session)
     items = [_item_view(session, i, ops) for i in queue.items_for_payer(session, payer)]
     return jsonify({"payer": payer, "items": items})
 
@@ -218,7 +218,7 @@ def get_payer_items(address: str) -> Response:
 def get_queue_status() -> Response:
     session = db()
     status = queue.queue_status(session)
-    ops = load_operating_settings(session)
+    ops = services().operating(session)
     return jsonify(
         {
             **status.counts,

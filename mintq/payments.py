@@ -127,6 +127,8 @@ def _not_confirmed(tx_hash: str, confirmations: int, required: int) -> PaymentRe
 
 
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
+AUTHORIZATION_STATE = keccak(text="authorizationState(address,bytes32)")[:4]
+BALANCE_OF = keccak(text="balanceOf(address)")[:4]
 ERC1271_ABI = [
     {
         "type": "function",
@@ -171,14 +173,14 @@ def verify_gasless(
     digest = authorization.digest(chain.usdc_domain_separator)
     _check_signature(chain, authorization.sender, digest, signature, domain)
 
-    used, balance = chain.call(
-        lambda: (
-            chain.usdc.functions.authorizationState(
-                authorization.sender, authorization.nonce
-            ).call(),
-            chain.usdc.functions.balanceOf(authorization.sender).call(),
-        )
+    sender_word = bytes(12) + bytes.fromhex(authorization.sender[2:])
+    used_word, balance_word = chain.eth_calls(
+        [
+            (chain.usdc.address, AUTHORIZATION_STATE + sender_word + authorization.nonce),
+            (chain.usdc.address, BALANCE_OF + sender_word),
+        ]
     )
+    used, balance = int.from_bytes(used_word, "big"), int.from_bytes(balance_word, "big")
     settled_by = None
     if used:
         # Anyone may submit an authorization. If it paid us, it is a payment like any other;

@@ -45,12 +45,14 @@ def enqueue(session: Session, payment: VerifiedPayment) -> tuple[MintQueueItem, 
             ),
         )
         .on_conflict_do_nothing(index_elements=[MintQueueItem.payment_id])
-        .returning(MintQueueItem.queue_id)
+        .returning(MintQueueItem)
     )
-    created = session.execute(stmt).scalar_one_or_none() is not None
+    item = session.scalars(stmt).one_or_none()
+    if item is not None:
+        return item, True
     item = find_by_payment_id(session, payment.payment_id)
-    assert item is not None  # inserted now or by the conflicting writer, which committed
-    return item, created
+    assert item is not None  # the conflicting writer committed it
+    return item, False
 
 
 def find_by_authorization(session: Session, sender: str, nonce: bytes) -> MintQueueItem | None:

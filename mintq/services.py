@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
 from mintq.chain import Chain
+from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.settings import Settings
 from mintq.x402_payments import X402Gateway
 
@@ -18,6 +20,14 @@ class Services:
     settings: Settings
     sessions: sessionmaker[Session]
     chain: Chain
+    _operating: tuple[float, OperatingSettings] | None = field(default=None, repr=False)
+
+    def operating(self, session: Session, max_age: float = 1.0) -> OperatingSettings:
+        """Operating settings for answers (wait estimates), re-read at most once a second."""
+        now = time.monotonic()
+        if self._operating is None or now - self._operating[0] > max_age:
+            self._operating = (now, load_operating_settings(session))
+        return self._operating[1]
 
     @cached_property
     def x402(self) -> X402Gateway:

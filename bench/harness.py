@@ -1,0 +1,128 @@
+"""A throwaway mintq environment for benchmarks: anvil, contracts, a database, a Redis db."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from redis import Redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from web3 import Web3
+
+from db.session import make_engine, make_session_factory
+from deploy.devchain import ANVIL_KEYS, Anvil, Deployment, deploy, start_anvil
+from deploy.pay import send_and_wait
+from deploy.stack import ensure_database, migrate
+from mintq.batching import Minter
+from mintq.chain import Chain, load_artifact
+from mintq.settings import Settings
+
+PRICE = 1_000_000
+MINT_AMOUNT = 100 * 10**18
+PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
+AUTHORIZATION_TYPES = [
+    {"name": n, "type": t}
+    for n, t in (("from", "address"), ("to", "address"), ("value", "uint256"),
+                 ("validAfter", "uint256"), ("validBefore", "uint256"), ("nonce", "bytes32"))
+]  # fmt: skip
+
+
+@dataclass
+class BenchEnv:
+    anvil: Anvil
+    deployment: Deployment
+    settings: Settings
+    w3: Web3
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            **os.environ,
+            "DATABASE_URL": s.database_url, "REDIS_URL": s.redis_url, "RPC_URL": s.rpc_url,
+            "USDC_ADDRESS": s.usdc_address, "TOKEN_ADDRESS": s.token_address,
+            "PAY_TO": s.pay_to, "PRICE": str(s.price),
+            "MINTER_PRIVATE_KEY": s.require_minter_key(), "PYTHONUNBUFFERED": "1",
+        }  # fmt: skip
+
+    def minter(self) -> Minter:
+        return Minter(
+            settings=self.settings,
+            chain=Chain(self.settings),
+            sessions=make_session_factory(make_engine(self.settings.database_url)),
+            redis=Redis.from_url(self.settings.redis_url),
+            account=Account.from_key(self.settings.require_minter_key()),
+        )
+
+    @property
+    def usdc(self) -> Any:
+        return self.w3.eth.contract(
+            address=self.deployment.usdc, abi=load_artifact("MockUSDC")["abi"]
+        )
+
+    def new_payer(self, usdc: int) -> LocalAccount:
+        payer: LocalAccount = Account.from_key("0x" + secrets.token_hex(32))
+        self.w3.provider.make_request("anvil_setBalance", [payer.address, hex(10**20)])  # type: ignore[arg-type]
+        if usdc:
+            send_and_wait(self.w3, payer, self.usdc.functions.mint(payer.address, usdc))
+        return payer
+
+    def sign_gasless(self, payer: LocalAccount, valid_for: int = 3600) -> dict[str, Any]:
+        now = int(time.time())
+        message = {"from": payer.address, "to": PAY_TO, "value": PRICE, "validAfter": now - 60,
+                   "validBefore": now + valid_for, "nonce": secrets.token_bytes(32)}  # fmt: skip
+        signed = payer.sign_typed_data(
+            full_message={
+                "types": {"TransferWithAuthorization": AUTHORIZATION_TYPES},
+                "primaryType": "TransferWithAuthorization",
+                "domain": {
+                    "name": "USD Coin",
+                    "version": "2",
+                    "chainId": self.deployment.chain_id,
+                    "verifyingContract": self.deployment.usdc,
+                },
+                "message": message,
+            }
+        )
+        auth = {k: str(v) for k, v in message.items() if k != "nonce"}
+        auth["nonce"] = "0x" + message["nonce"].hex()  # type: ignore[attr-defined]
+        return {"paymentType": "gasless", "authorization": auth,
+                "signature": "0x" + bytes(signed.signature).hex()}  # fmt: skip
+
+
+@contextmanager
+def bench_env(
+    name: str, block_time: float | None = None, extra_anvil_args: tuple[str, ...] = ()
+) -> Iterator[BenchEnv]:
+    server = os.environ.get("BENCH_PG_SERVER", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+    database_url = f"{server}/mintq_bench_{name}"
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    ensure_database(database_url, recreate=True)
+    migrate(database_url)
+    Redis.from_url(redis_url).flushdb()
+    anvil = start_anvil(block_time=block_time, extra_args=extra_anvil_args)
+    try:
+        minter_key = ANVIL_KEYS[1]
+        deployment = deploy(anvil.rpc_url, ANVIL_KEYS[0], Account.from_key(minter_key).address,
+                            MINT_AMOUNT)  # fmt: skip
+        settings = Settings.from_env({
+            "DATABASE_URL": database_url, "REDIS_URL": redis_url, "RPC_URL": anvil.rpc_url,
+            "USDC_ADDRESS": deployment.usdc, "TOKEN_ADDRESS": deployment.token,
+            "PAY_TO": PAY_TO, "PRICE": str(PRICE), "MINTER_PRIVATE_KEY": minter_key,
+        })  # fmt: skip
+        yield BenchEnv(anvil, deployment, settings, Web3(Web3.HTTPProvider(anvil.rpc_url)))
+    finally:
+        anvil.stop()
+        Redis.from_url(redis_url).flushdb()
+        admin = create_engine(make_url(database_url).set(database="postgres"),
+                              isolation_level="AUTOCOMMIT")  # fmt: skip
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "mintq_bench_{name}" WITH (FORCE)'))
+        admin.dispose()
