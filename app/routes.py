@@ -12,7 +12,13 @@ from eth_utils import is_address, to_checksum_address
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy.orm import Session
 
-from app.schemas import BatchSchema, ConfigSchema, QueueItemSchema, load_mint_request
+from app.schemas import (
+    BatchSchema,
+    ConfigSchema,
+    HotWalletSchema,
+    QueueItemSchema,
+    load_mint_request,
+)
 from db.models import MintQueueItem
 from mintq import eip3009, payments, queue
 from mintq.eip3009 import Authorization
@@ -224,6 +230,7 @@ def get_queue_status() -> Response:
             **status.counts,
             "oldestPendingAgeSeconds": status.oldest_pending_age_seconds,
             "recentBatches": _batch_schema.dump(status.recent_batches, many=True),
+            "hotWallets": HotWalletSchema().dump(status.wallets, many=True),
             "settings": {
                 "maxBatchSize": ops.max_batch_size,
                 "batchIntervalSeconds": ops.batch_interval_seconds,

@@ -143,3 +143,19 @@ class ConfigSchema(Schema):
     pay_to = fields.String(data_key="payTo")
     price = fields.String()
     mint_amount = fields.String(data_key="mintAmount")
+
+
+class HotWalletSchema(Schema):
+    """The nonce owner's wallet: `lowFunds` means batches are held until it is funded."""
+
+    address = fields.String()
+    next_nonce = fields.Integer(data_key="nextNonce")
+    low_funds = fields.Function(lambda w: w.low_funds_since is not None, data_key="lowFunds")
+    low_funds_since = fields.AwareDateTime(data_key="lowFundsSince", allow_none=True)
+    balance = fields.Function(
+        lambda w: None if w.balance is None else str(w.balance), data_key="balance"
+    )
+    balance_needed = fields.Function(
+        lambda w: None if w.balance_needed is None else str(w.balance_needed),
+        data_key="balanceNeeded",
+    )

@@ -163,6 +163,37 @@ class MintHistory(Base):
     completed_at: Mapped[datetime] = _created_at()
 
 
+TX_KINDS = ("batch", "replacement", "filler")
+TX_STATUSES = ("signed", "sent", "mined", "failed")
+
+
+class WalletTransaction(Base):
+    """One signed transaction of the hot wallet. A batch may have several at its nonce (the
+    original and fee-bumped replacements); a receipt for any of them settles the nonce."""
+
+    __tablename__ = "wallet_transactions"
+    __table_args__ = (
+        CheckConstraint(_in("kind", TX_KINDS), name="kind"),
+        CheckConstraint(_in("status", TX_STATUSES), name="status"),
+        Index("ix_wallet_transactions_nonce", "nonce"),
+        Index("ix_wallet_transactions_batch_id", "batch_id"),
+    )
+
+    tx_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
+    nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batch_mints.batch_id")
+    )
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    raw_tx: Mapped[str] = mapped_column(Text, nullable=False)
+    gas_limit: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    max_fee_per_gas: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    max_priority_fee_per_gas: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="signed")
+    created_at: Mapped[datetime] = _created_at()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class HotWallet(Base):
     """The minter wallet's next nonce, advanced in the same transaction that assigns a batch."""
 
@@ -171,6 +202,10 @@ class HotWallet(Base):
     address: Mapped[str] = mapped_column(String(42), primary_key=True)
     next_nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
     updated_at: Mapped[datetime] = _updated_at()
+    # Set while the wallet cannot pay for the next transaction (the owner then sends nothing).
+    low_funds_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    balance: Mapped[Decimal | None] = mapped_column(Uint256)
+    balance_needed: Mapped[Decimal | None] = mapped_column(Uint256)
 
 
 class SystemSetting(Base):

@@ -1,15 +1,14 @@
-"""The nonce owner's work: claim queued items, send one batchMint, confirm it, write history.
+"""The nonce owner's work: claim queued items, send them in one batch transaction, confirm it,
+write history.
 
-Exactly one process at a time owns the hot wallet's nonce (a Redis lock with a token). The
-nonce itself lives in Postgres (`hot_wallets`) and advances in the same transaction that
-writes the batch and its signed bytes ahead of the broadcast, so a lost lock or a crash can
-neither reuse a nonce nor lose a transaction: the next owner rebroadcasts the same bytes.
+Beat ticks `process_queue`; only the holder of the nonce lock does anything (see
+`mintq.wallet` for how the wallet's transactions are fenced, written ahead, replaced and
+reconciled). Confirmation (`confirm_batch`) is polled per batch by a chained task.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,16 +16,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from eth_abi import decode as abi_decode
-from eth_account.signers.local import LocalAccount
 from eth_utils import event_abi_to_log_topic, to_checksum_address
 from hexbytes import HexBytes
-from redis import Redis
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+from sqlalchemy.orm import Session
+from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
-from db.models import BatchMint, HotWallet, MintHistory, MintQueueItem
+from db.models import BatchMint, MintHistory, MintQueueItem
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
@@ -36,62 +33,31 @@ from mintq.eip3009 import (
 )
 from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.payments import find_settlement
-from mintq.settings import Settings
+from mintq.wallet import (
+    LostLock,
+    LowFunds,
+    Minter,
+    NonceLock,
+    broadcast,
+    crash_point,
+    ensure_funds,
+    market_fees,
+    receipt_of_any,
+    reconcile,
+    replace_stuck,
+    sign_and_record,
+    take_nonce,
+    transactions_of,
+)
+
+__all__ = ["LostLock", "Minter", "NonceLock", "confirm_batch", "process_queue"]
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = ("signed", "sent")
 ZERO_ADDRESS = "0x" + "00" * 20
-# Node answers to a rebroadcast that mean "this nonce is taken": by us (the receipt will
-# tell) or by another transaction (confirmation will notice the nonce moved past it).
-_KNOWN_TX_ERRORS = ("already known", "already imported", "nonce too low", "known transaction")
-
-
-class LostLock(RuntimeError):
-    """The nonce lock expired or was taken over; the caller must stop touching the wallet."""
-
-
-class NonceLock:
-    """A Redis lock with an owner token: only the holder of the token may renew or release."""
-
-    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"  # noqa: E501
-    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"  # noqa: E501
-
-    def __init__(self, redis: Redis, key: str, ttl_seconds: int) -> None:
-        self.redis = redis
-        self.key = key
-        self.ttl_ms = ttl_seconds * 1000
-        self.token = uuid.uuid4().hex
-
-    def acquire(self) -> bool:
-        return bool(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms))
-
-    def check(self) -> None:
-        """Prove we still own the lock and extend it; raise `LostLock` otherwise."""
-        if not self.redis.eval(self._RENEW, 1, self.key, self.token, self.ttl_ms):
-            raise LostLock(f"lost the nonce lock {self.key}")
-
-    def release(self) -> None:
-        self.redis.eval(self._RELEASE, 1, self.key, self.token)
-
-
-@dataclass
-class Minter:
-    """Everything the nonce owner works with, built once per worker process."""
-
-    settings: Settings
-    chain: Chain
-    sessions: sessionmaker[Session]
-    redis: Redis
-    account: LocalAccount = field(repr=False)
-
-    @property
-    def address(self) -> str:
-        return str(self.account.address)
-
-    def lock(self) -> NonceLock:
-        key = f"mintq:nonce-owner:{self.chain.chain_id}:{self.address.lower()}"
-        return NonceLock(self.redis, key, self.settings.lock_ttl_seconds)
+# Gas per item assumed until confirmed batches have measured it (a settle-and-mint item).
+DEFAULT_GAS_PER_ITEM = 100_000
 
 
 @dataclass
@@ -101,15 +67,17 @@ class TickResult:
     owner: bool
     sent: list[uuid.UUID] = field(default_factory=list)
     in_flight: list[uuid.UUID] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
     paused: bool = False
+    low_funds: bool = False
 
 
 def process_queue(minter: Minter) -> TickResult:
-    """One beat tick: if we can take the nonce lock, send every batch that is due.
+    """One beat tick: if we can take the nonce lock, keep the wallet moving and send what is due.
 
-    A batch is due when a full batch is waiting, or when items are waiting and
-    `batch_interval_seconds` have passed since the previous batch. Up to `max_in_flight`
-    batches may wait for confirmation at consecutive nonces.
+    As owner: reconcile our nonces with the chain, replace stuck batches, then send batches
+    while one is due (a full batch waiting, or items waiting for `batch_interval_seconds`) and
+    fewer than `max_in_flight` wait for confirmation.
     """
     lock = minter.lock()
     if not lock.acquire():
@@ -122,7 +90,8 @@ def process_queue(minter: Minter) -> TickResult:
 
 def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
     result = TickResult(owner=True)
-    _rebroadcast_unmined(minter, lock)
+    reconcile(minter, lock)
+    result.replaced = replace_stuck(minter, lock)
     while True:
         with minter.sessions() as session:
             ops = load_operating_settings(session)
@@ -131,7 +100,11 @@ def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
                 break
             if not _batch_due(session, ops):
                 break
-        batch_id = send_batch(minter, lock, ops)
+        try:
+            batch_id = send_batch(minter, lock, ops)
+        except LowFunds:
+            result.low_funds = True
+            break
         if batch_id is None:
             break
         result.sent.append(batch_id)
@@ -165,106 +138,114 @@ def _batch_due(session: Session, ops: OperatingSettings) -> bool:
     return (datetime.now(UTC) - last).total_seconds() >= ops.batch_interval_seconds
 
 
-def _take_nonce(minter: Minter, session: Session) -> HotWallet:
-    """Lock the wallet row, reconciling it with the chain when it lags behind.
-
-    Our nonces are all accounted for by batch rows (written with the nonce they use), so the
-    chain's pending nonce can only be ahead of ours when something else used the key.
-    """
-    chain_nonce = minter.chain.call(
-        lambda: minter.chain.w3.eth.get_transaction_count(minter.account.address, "pending")
+def max_gas_per_transaction(minter: Minter) -> int:
+    """The most gas one batch may ask for: the block gas limit (and MAX_TX_GAS, for chains that
+    cap a transaction, EIP-7825), less a safety margin."""
+    block_limit = int(
+        minter.chain.call(lambda: minter.chain.w3.eth.get_block("latest"))["gasLimit"]
     )
-    wallet = session.scalars(
-        select(HotWallet).where(HotWallet.address == minter.address).with_for_update()
-    ).one_or_none()
-    if wallet is None:
-        wallet = HotWallet(address=minter.address, next_nonce=chain_nonce)
-        session.add(wallet)
-        session.flush()
-    elif wallet.next_nonce < chain_nonce:
-        log.warning(
-            "hot wallet nonce moved outside mintq; catching up",
-            extra={"nonce": wallet.next_nonce, "chainNonce": chain_nonce},
+    return int(min(block_limit, minter.settings.max_tx_gas) * 0.9)
+
+
+def gas_per_item(session: Session) -> int:
+    """Measured gas per item: the most expensive recent confirmed batch, per item."""
+    measured = session.scalar(
+        select(func.max(BatchMint.gas_used / BatchMint.size)).where(
+            BatchMint.batch_id.in_(
+                select(BatchMint.batch_id)
+                .where(BatchMint.status == "confirmed", BatchMint.size > 0)
+                .order_by(BatchMint.confirmed_at.desc())
+                .limit(20)
+            )
         )
-        wallet.next_nonce = chain_nonce
-    return wallet
+    )
+    return int(measured) if measured else DEFAULT_GAS_PER_ITEM
 
 
-def _fees(chain: Chain) -> tuple[int, int]:
-    """EIP-1559 (maxFeePerGas, maxPriorityFeePerGas): room for the base fee to double, capped."""
-    w3 = chain.w3
-    base = int(chain.call(lambda: w3.eth.get_block("latest"))["baseFeePerGas"])
-    priority = int(chain.call(lambda: w3.eth.max_priority_fee))
-    cap = int(chain.settings.max_fee_gwei * 10**9)
-    max_fee = min(2 * base + priority, cap)
-    return max_fee, min(priority, max_fee)
+def batch_limit(minter: Minter, session: Session, ops: OperatingSettings) -> int:
+    """Items in the next batch: `max_batch_size`, and what fits under the gas cap."""
+    by_gas = max(1, max_gas_per_transaction(minter) // gas_per_item(session))
+    return min(ops.max_batch_size, by_gas)
 
 
 def send_batch(minter: Minter, lock: NonceLock, ops: OperatingSettings) -> uuid.UUID | None:
-    """Claim up to `max_batch_size` pending items, write the signed batch ahead, broadcast it.
+    """Claim pending items, write the signed batch ahead, broadcast it.
 
-    Returns the batch id, or None when nothing was claimable or the batch would revert
-    (items then stay pending and the reason is logged).
+    Returns the batch id, or None when nothing was claimable or the batch would revert (items
+    then stay pending and the reason is logged). Raises LowFunds (items stay pending) when the
+    wallet cannot pay for it.
     """
     chain = minter.chain
     expire_unsettleable(minter)
+    cap = max_gas_per_transaction(minter)
     with minter.sessions() as session, session.begin():
         items = list(
             session.scalars(
                 select(MintQueueItem)
                 .where(MintQueueItem.status == "pending")
                 .order_by(*MintQueueItem.claim_order())
-                .limit(ops.max_batch_size)
+                .limit(batch_limit(minter, session, ops))
                 .with_for_update(skip_locked=True)
             )
         )
+        crash_point("after_claim")
         if not items:
             return None
-        call = batch_call(chain, items)
-        try:
-            gas = chain.call(lambda: call.estimate_gas({"from": minter.account.address}))
-        except ContractLogicError as exc:
-            # Our contract skips bad items instead of reverting, so a revert here is systemic
-            # (a revoked minter role, a paused token): burning the items' retries would fail
-            # paid requests for an operator problem. Keep them pending and say why.
-            log.error("batchMint would revert; items stay pending: %s", exc)
-            return None
-        max_fee, priority_fee = _fees(chain)
-        wallet = _take_nonce(minter, session)
-        params: TxParams = {
-            "from": minter.account.address,
-            "chainId": chain.chain_id,
-            "nonce": Nonce(wallet.next_nonce),
-            "gas": math.ceil(gas * minter.settings.gas_limit_multiplier),
-            "maxFeePerGas": Wei(max_fee),
-            "maxPriorityFeePerGas": Wei(priority_fee),
-        }
-        tx = call.build_transaction(params)
-        lock.check()  # fence: only the owner signs
-        signed = minter.account.sign_transaction(tx)
-        batch = BatchMint(
-            nonce=wallet.next_nonce,
-            tx_hash="0x" + bytes(signed.hash).hex(),
-            raw_tx="0x" + bytes(signed.raw_transaction).hex(),
-            size=len(items),
-            gas_limit=tx["gas"],
-            max_fee_per_gas=max_fee,
-            max_priority_fee_per_gas=priority_fee,
-            status="signed",
+        while True:
+            call = batch_call(chain, items)
+            try:
+                gas = chain.call(lambda: call.estimate_gas({"from": minter.account.address}))  # noqa: B023
+            except ContractLogicError as exc:
+                # The contract skips bad items instead of reverting, so a revert here is
+                # systemic (a revoked minter role, a paused token): burning the items' retries
+                # would fail paid requests for an operator problem. Keep them pending.
+                log.error("batch would revert; items stay pending: %s", exc)
+                return None
+            gas_limit = int(gas * minter.settings.gas_limit_multiplier)
+            if gas_limit <= cap or len(items) == 1:
+                break
+            items = items[: len(items) // 2]  # heavier items than measured: halve and retry
+        fees = market_fees(chain)
+        ensure_funds(minter, gas_limit * fees.max_fee)
+        wallet = take_nonce(minter, session)
+        params: TxParams = call.build_transaction(
+            {
+                "from": minter.account.address,
+                "chainId": chain.chain_id,
+                "nonce": Nonce(wallet.next_nonce),
+                "gas": gas_limit,
+                "maxFeePerGas": Wei(fees.max_fee),
+                "maxPriorityFeePerGas": Wei(fees.priority),
+            }
         )
-        session.add(batch)
+        batch_id = uuid.uuid4()
+        session.add(
+            BatchMint(
+                batch_id=batch_id,
+                nonce=wallet.next_nonce,
+                tx_hash="",
+                raw_tx="",
+                size=len(items),
+                gas_limit=gas_limit,
+                max_fee_per_gas=fees.max_fee,
+                max_priority_fee_per_gas=fees.priority,
+                status="signed",
+            )
+        )
         session.flush()
+        tx = sign_and_record(minter, session, lock, params, kind="batch", batch_id=batch_id)
+        batch = session.get(BatchMint, batch_id)
+        assert batch is not None
+        batch.tx_hash, batch.raw_tx = tx.tx_hash, tx.raw_tx
         for item in items:
             item.status = "processing"
-            item.batch_id = batch.batch_id
+            item.batch_id = batch_id
             item.error = None
         wallet.next_nonce += 1
-        batch_id = batch.batch_id
-        log.info(
-            "batch signed",
-            extra={"batchId": str(batch_id), "nonce": batch.nonce, "txHash": batch.tx_hash},
-        )
-    _broadcast(minter, lock, batch_id)
+        tx_hash = tx.tx_hash
+    crash_point("after_write_ahead")
+    broadcast(minter, lock, tx_hash)
+    crash_point("after_broadcast")
     return batch_id
 
 
@@ -325,48 +306,6 @@ def expire_unsettleable(minter: Minter) -> int:
             item.error = "the payment authorization expired before its batch; nothing was charged"
             log.warning("authorization expired in the queue", extra={"queueId": str(item.queue_id)})
     return len(expired)
-
-
-def _broadcast(minter: Minter, lock: NonceLock, batch_id: uuid.UUID) -> None:
-    """Send a written-ahead batch's exact bytes and mark it sent."""
-    with minter.sessions() as session, session.begin():
-        batch = session.get(BatchMint, batch_id, with_for_update=True)
-        if batch is None or batch.status not in IN_FLIGHT:
-            return
-        lock.check()  # fence: only the owner sends
-        raw = HexBytes(batch.raw_tx)
-        try:
-            minter.chain.call(lambda: minter.chain.w3.eth.send_raw_transaction(raw))
-        except Web3RPCError as exc:
-            if not any(known in str(exc).lower() for known in _KNOWN_TX_ERRORS):
-                log.error(
-                    "broadcast refused: %s",
-                    exc,
-                    extra={"batchId": str(batch_id), "nonce": batch.nonce},
-                )
-                raise
-        if batch.status == "signed":
-            batch.status = "sent"
-            batch.sent_at = datetime.now(UTC)
-        log.info(
-            "batch sent",
-            extra={"batchId": str(batch_id), "nonce": batch.nonce, "txHash": batch.tx_hash},
-        )
-
-
-def _rebroadcast_unmined(minter: Minter, lock: NonceLock) -> None:
-    """After a crash or a node restart, put our written-ahead transactions back on the wire."""
-    chain_nonce = minter.chain.call(
-        lambda: minter.chain.w3.eth.get_transaction_count(minter.account.address, "latest")
-    )
-    with minter.sessions() as session:
-        batch_ids: Sequence[uuid.UUID] = session.scalars(
-            select(BatchMint.batch_id)
-            .where(BatchMint.status.in_(IN_FLIGHT), BatchMint.nonce >= chain_nonce)
-            .order_by(BatchMint.nonce)
-        ).all()
-    for batch_id in batch_ids:
-        _broadcast(minter, lock, batch_id)
 
 
 # --- confirmation --------------------------------------------------------------------------
@@ -442,15 +381,15 @@ def confirm_batch(minter: Minter, batch_id: uuid.UUID) -> ConfirmResult:
         batch = session.get(BatchMint, batch_id)
         if batch is None or batch.status not in IN_FLIGHT:
             return ConfirmResult("done", batch_id)
-        tx_hash, nonce = batch.tx_hash, batch.nonce
+        nonce = batch.nonce
+        # The original and every replacement: a receipt for any of them settles the nonce.
+        tx_hashes = [t.tx_hash for t in transactions_of(session, batch_id)]
 
-    # Read the mined nonce before the receipt: if the nonce was used and our receipt is still
-    # missing after that, another transaction took the nonce and ours can never be mined.
-    mined_nonce = chain.call(lambda: w3.eth.get_transaction_count(minter.account.address, "latest"))
-    try:
-        receipt = chain.call(lambda: w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
-    except TransactionNotFound:
-        receipt = None
+    # Read the mined nonce before the receipts: if the nonce was used and none of our receipts
+    # exists after that, another transaction took the nonce and ours can never be mined.
+    mined_nonce = minter.nonce("latest")
+    receipt = receipt_of_any(minter, tx_hashes)
+    crash_point("during_confirm")
     if receipt is None:
         if mined_nonce > nonce:
             return _drop_batch(minter, batch_id)
@@ -536,6 +475,7 @@ def _finish_confirmed(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Conf
                 log.error("item missing from a confirmed batch", extra=context)
         batch.status = "confirmed"
         batch.tx_hash = tx_hash
+        _settle_transactions(session, batch_id, tx_hash)
         batch.gas_used = int(receipt["gasUsed"])
         batch.block_number = block_number
         batch.confirmed_at = now
@@ -606,6 +546,8 @@ def _finish_reverted(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Confi
         _requeue(session, batch_id, reason, ops, count_retry=True)
         locked.status = "reverted"
         locked.error = reason
+        locked.tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+        _settle_transactions(session, batch_id, locked.tx_hash)
         locked.gas_used = int(receipt["gasUsed"])
         locked.block_number = int(receipt["blockNumber"])
         locked.confirmed_at = datetime.now(UTC)
@@ -623,8 +565,15 @@ def _drop_batch(minter: Minter, batch_id: uuid.UUID) -> ConfirmResult:
         _requeue(session, batch_id, reason, load_operating_settings(session), count_retry=False)
         batch.status = "failed"
         batch.error = reason
+        _settle_transactions(session, batch_id, None)
         log.warning(reason, extra={"batchId": str(batch_id), "nonce": batch.nonce})
     return ConfirmResult("dropped", batch_id)
+
+
+def _settle_transactions(session: Session, batch_id: uuid.UUID, mined: str | None) -> None:
+    """The mined transaction of a batch's nonce is 'mined'; its siblings can never be."""
+    for tx in transactions_of(session, batch_id):
+        tx.status = "mined" if tx.tx_hash == mined else "failed"
 
 
 def _requeue(

@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import BatchMint, MintQueueItem
+from db.models import BatchMint, HotWallet, MintQueueItem
 from mintq.operating import OperatingSettings
 from mintq.payments import VerifiedPayment
 
@@ -127,6 +127,7 @@ class QueueStatus:
     counts: dict[str, int]
     oldest_pending_age_seconds: float | None
     recent_batches: list[BatchMint]
+    wallets: list[HotWallet]
 
 
 def queue_status(session: Session, recent: int = 10) -> QueueStatus:
@@ -138,7 +139,9 @@ def queue_status(session: Session, recent: int = 10) -> QueueStatus:
     batches = list(
         session.scalars(select(BatchMint).order_by(BatchMint.created_at.desc()).limit(recent))
     )
+    wallets = list(session.scalars(select(HotWallet).order_by(HotWallet.address)))
     return QueueStatus(
+        wallets=wallets,
         counts=dict(zip(("pending", "processing", "completed", "failed"), row[:4], strict=True)),
         oldest_pending_age_seconds=age,
         recent_batches=batches,

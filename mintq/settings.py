@@ -45,6 +45,10 @@ class Settings:
     min_authorization_validity_seconds: int = 300
     # An authorization this close to expiry is failed (uncharged) rather than put in a batch.
     settle_margin_seconds: int = 30
+    # A batch not mined this long after it was sent is re-signed with higher fees.
+    stuck_after_seconds: float = 30.0
+    # The most gas one transaction may use (EIP-7825 caps it at 2^24 on chains that enforce it).
+    max_tx_gas: int = 16_777_216
     # How far back to search the chain for an authorization someone else submitted.
     log_lookback_blocks: int = 100_000
     celery_broker_url: str = ""
@@ -128,6 +132,8 @@ class Settings:
                 "MIN_AUTHORIZATION_VALIDITY_SECONDS", "300", int
             ),
             settle_margin_seconds=number("SETTLE_MARGIN_SECONDS", "30", int),
+            stuck_after_seconds=number("STUCK_AFTER_SECONDS", "30", float),
+            max_tx_gas=number("MAX_TX_GAS", "16777216", int),
             log_lookback_blocks=number("LOG_LOOKBACK_BLOCKS", "100000", int),
             celery_broker_url=source.get("CELERY_BROKER_URL", "").strip(),
             x402_max_timeout_seconds=number("X402_MAX_TIMEOUT_SECONDS", "3600", int),

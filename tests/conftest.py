@@ -48,7 +48,7 @@ AUTHORIZATION_FIELDS = [
         ("nonce", "bytes32"),
     )
 ]
-TABLES = ("mint_history", "mint_queue", "batch_mints", "hot_wallets")
+TABLES = ("mint_history", "mint_queue", "wallet_transactions", "batch_mints", "hot_wallets")
 
 
 @pytest.fixture(scope="session")

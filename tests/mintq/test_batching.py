@@ -215,12 +215,12 @@ def test_a_signed_but_unsent_batch_is_rebroadcast_with_the_same_bytes(
     lock = minter.lock()
     assert lock.acquire()
     # Simulate a crash between the write-ahead commit and the broadcast.
-    original = batching._broadcast
-    batching._broadcast = lambda *args: None  # type: ignore[assignment]
+    original = batching.broadcast
+    batching.broadcast = lambda *args: False  # type: ignore[assignment]
     try:
         [batch_id] = batching._run_as_owner(minter, lock).sent
     finally:
-        batching._broadcast = original  # type: ignore[assignment]
+        batching.broadcast = original  # type: ignore[assignment]
         lock.release()
     with minter.sessions() as session:
         batch = session.get(BatchMint, batch_id)
