@@ -5,6 +5,9 @@ from __future__ import annotations
 from flask import Flask
 
 from app.errors import register_error_handlers
+from app.health import bp as health_bp
+from app.metrics import bp as metrics_bp
+from app.pages import bp as pages_bp
 from app.routes import bp
 from mintq.services import Services
 from mintq.settings import Settings
@@ -18,4 +21,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["mintq"] = svc
     register_error_handlers(app)
     app.register_blueprint(bp)
+    app.register_blueprint(health_bp)
+    app.register_blueprint(metrics_bp)
+    app.register_blueprint(pages_bp)
     return app

@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from app.metrics import record_refused_payment
 from mintq.errors import DependencyUnavailable, MintqError
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,19 @@ def register_error_handlers(app: Flask) -> None:
     def _mintq_error(exc: MintqError) -> tuple[Response, int]:
         if exc.status >= 500:
             log.warning("dependency unavailable: %s", exc.message, exc_info=exc.__cause__)
+        record_refused_payment(exc.code, exc.status)
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers, exc.body)
 
     @app.errorhandler(ValidationError)
     def _validation_error(exc: ValidationError) -> tuple[Response, int]:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        record_refused_payment("validation_error", 400)
         return error_response(400, "validation_error", "The request is not valid.", messages)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         code = (exc.name or "error").lower().replace(" ", "_")
+        record_refused_payment(code, exc.code or 500)
         return error_response(exc.code or 500, code, exc.description or exc.name or "")
 
     @app.errorhandler(OperationalError)

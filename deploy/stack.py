@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -200,11 +201,26 @@ def beat_command(schedule_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def flower_command(port: int) -> list[str]:
+def flower_command(port: int, basic_auth: str) -> list[str]:
     return [
         PYTHON, "-m", "celery", "-A", "tasks", "flower",
-        f"--port={port}", "--address=127.0.0.1",
+        f"--port={port}", "--address=127.0.0.1", f"--basic-auth={basic_auth}",
     ]  # fmt: skip
+
+
+def flower_basic_auth(env: Mapping[str, str]) -> tuple[str, bool]:
+    """Flower's `user:password` from FLOWER_BASIC_AUTH, or `admin` and a new random password.
+
+    Returns the credentials and whether they were generated (and so must be shown once).
+    """
+    configured = env.get("FLOWER_BASIC_AUTH", "").strip()
+    if not configured:
+        return f"admin:{secrets.token_urlsafe(16)}", True
+    for credential in configured.split(","):
+        user, _, password = credential.partition(":")
+        if not user or not password:
+            raise SystemExit("FLOWER_BASIC_AUTH must be user:password (see .env.example)")
+    return configured, False
 
 
 # --- main --------------------------------------------------------------------------------
@@ -303,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for port, what in ((args.api_port, "API"), (args.flower_port, "Flower")):
         if port_in_use(port):
             raise SystemExit(f"port {port} for the {what} is taken: is mintq already running?")
+    flower_auth, generated = flower_basic_auth(env)
 
     anvil = None
     supervisor = Supervisor(output=sys.stdout, log_dir=STATE_DIR / "logs")
@@ -324,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         supervisor.start("api", api_command(args.api_port), env)
         supervisor.start("worker", worker_command(), env)
         supervisor.start("beat", beat_command(STATE_DIR / "celerybeat-schedule"), env)
-        supervisor.start("flower", flower_command(args.flower_port), env)
+        supervisor.start("flower", flower_command(args.flower_port, flower_auth), env)
+        if generated:
+            print(f"Flower login: admin / {flower_auth.partition(':')[2]}", flush=True)
         print(
             f"\nmintq is up: API http://127.0.0.1:{args.api_port}  "
             f"Flower http://127.0.0.1:{args.flower_port}  chain {env['RPC_URL']}\n"

@@ -1,4 +1,4 @@
-"""Record every signed transaction of the hot wallet (batches, replacements, gap fillers) and low funds
+"""Record every signed transaction of the hot wallet, and when it runs low on funds
 
 Revision ID: 0003
 Revises: 0002

@@ -1,0 +1,63 @@
+"""Pages for people: the status page, the API docs, and the OpenAPI document they render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from app.openapi import build_spec
+
+bp = Blueprint("pages", __name__)
+
+# Everything the pages use comes from this origin: a page never reaches the internet.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _page(name: str) -> Response:
+    response = current_app.send_static_file(name)
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@bp.get("/")
+def status_page() -> Response:
+    """Status page: queue counts, recent batches, and a lookup by queue id or payer.
+    ---
+    get:
+      responses:
+        200: {description: An HTML page, content: {text/html: {schema: {type: string}}}}
+    """
+    return _page("status.html")
+
+
+@bp.get("/docs")
+def docs_page() -> Response:
+    """API documentation, rendered from /openapi.json.
+    ---
+    get:
+      responses:
+        200: {description: An HTML page, content: {text/html: {schema: {type: string}}}}
+    """
+    return _page("docs.html")
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    """This OpenAPI document.
+    ---
+    get:
+      responses:
+        200:
+          description: OpenAPI 3.1
+          content: {application/json: {schema: {type: object}}}
+    """
+    # Built on first use, once every blueprint is registered; the routes never change after.
+    spec: dict[str, Any] | None = current_app.extensions.get("mintq.openapi")
+    if spec is None:
+        spec = current_app.extensions["mintq.openapi"] = build_spec(current_app)
+    return jsonify(spec)

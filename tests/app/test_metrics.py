@@ -1,0 +1,203 @@
+"""`GET /metrics` on real PostgreSQL, Redis and anvil: what a Prometheus scrape would read."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from eth_account import Account
+from flask import Flask
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from sqlalchemy import create_engine, text
+
+from app import create_app
+from conftest import PRICE
+from mintq import batching, queue
+from mintq.batching import Minter
+from mintq.payments import VerifiedPayment
+from mintq.services import Services
+from mintq.settings import Settings
+
+Scrape = dict[str, list[Sample]]
+
+
+def scrape(app: Flask) -> Scrape:
+    """The scrape's samples, by family name (a counter's family drops `_total`)."""
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain; version=0.0.4")
+    families = text_string_to_metric_families(response.get_data(as_text=True))
+    return {family.name: family.samples for family in families}
+
+
+def value(metrics: Scrape, family: str, name: str | None = None, **labels: str) -> float:
+    [sample] = [
+        s
+        for s in metrics[family]
+        if s.name == (name or family) and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    return sample.value
+
+
+def queue_payments(minter: Minter, n: int) -> None:
+    with minter.sessions() as session:
+        for _ in range(n):
+            payer = Account.create().address
+            queue.enqueue(
+                session,
+                VerifiedPayment(
+                    payment_id="0x" + secrets.token_hex(32),
+                    payment_type="custom",
+                    payer=payer,
+                    recipient=payer,
+                    amount=PRICE,
+                ),
+            )
+        session.commit()
+
+
+@pytest.fixture
+def app(services: Services) -> Flask:
+    return create_app(services=services)
+
+
+@pytest.fixture
+def other_replica(settings: Settings, clean_db: None) -> Iterator[Flask]:
+    """A second API instance with its own engine and chain connection, as another replica."""
+    svc = Services.from_settings(settings)
+    yield create_app(services=svc)
+    svc.sessions.kw["bind"].dispose()
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]  # bound, never listening: connections are refused
+
+
+def test_a_confirmed_batch_shows_in_queue_depth_histograms_and_wallet(
+    app: Flask, minter: Minter
+) -> None:
+    queue_payments(minter, 3)
+    result = batching.process_queue(minter)
+    assert len(result.sent) == 1
+    during = scrape(app)
+    assert value(during, "mintq_queue_items", status="processing") == 3
+    assert value(during, "mintq_batches_in_flight") == 1
+    assert value(during, "mintq_batch_size", "mintq_batch_size_count") == 0
+
+    assert batching.confirm_batch(minter, result.sent[0]).state == "confirmed"
+    queue_payments(minter, 2)
+    metrics = scrape(app)
+
+    counts = {s.labels["status"]: s.value for s in metrics["mintq_queue_items"]}
+    assert counts == {"pending": 2, "processing": 0, "completed": 3, "failed": 0}
+    assert value(metrics, "mintq_queue_oldest_pending_age_seconds") >= 0
+    assert value(metrics, "mintq_batches_in_flight") == 0
+
+    size = "mintq_batch_size"
+    assert value(metrics, size, f"{size}_count") == 1
+    assert value(metrics, size, f"{size}_sum") == 3
+    assert value(metrics, size, f"{size}_bucket", le="2.0") == 0
+    assert value(metrics, size, f"{size}_bucket", le="5.0") == 1
+    assert value(metrics, size, f"{size}_bucket", le="+Inf") == 1
+
+    gas = "mintq_batch_gas_per_item"
+    assert value(metrics, gas, f"{gas}_count") == 1
+    assert value(metrics, gas, f"{gas}_sum") > 0
+
+    completed = "mintq_request_to_completed_seconds"
+    assert value(metrics, completed, f"{completed}_count") == 3
+    assert value(metrics, completed, f"{completed}_bucket", le="+Inf") == 3
+    assert value(metrics, completed, f"{completed}_sum") >= 0
+    confirmed = "mintq_batch_sent_to_confirmed_seconds"
+    assert value(metrics, confirmed, f"{confirmed}_count") == 1
+
+    assert value(metrics, "mintq_chain_head_block") > 0
+    assert value(metrics, "mintq_hot_wallet_nonce_lag", address=minter.address) == 0
+    assert 0 < value(metrics, "mintq_hot_wallet_balance_ether", address=minter.address) < 10**6
+    for source in ("database", "redis", "chain"):
+        assert value(metrics, "mintq_scrape_error", source=source) == 0
+
+
+def test_refused_payments_are_counted_by_code_across_replicas(
+    app: Flask, other_replica: Flask
+) -> None:
+    unknown_tx = {"paymentType": "custom", "txHash": "0x" + secrets.token_hex(32)}
+    a, b = app.test_client(), other_replica.test_client()
+    assert a.post("/mint", json=unknown_tx).status_code == 404
+    assert b.post("/mint", json=unknown_tx).status_code == 404
+    assert a.post("/mint", json={"paymentType": "custom", "txHash": "0x12"}).status_code == 400
+    # Not refused payments: another path, another method.
+    assert a.get("/queue/item/not-a-uuid").status_code == 400
+    assert b.get("/mint").status_code == 405
+
+    for replica in (app, other_replica):
+        refused = {
+            s.labels["code"]: s.value
+            for s in scrape(replica)["mintq_payments_refused"]
+            if s.name == "mintq_payments_refused_total"
+        }
+        assert refused == {"tx_not_found": 2, "validation_error": 1}
+
+
+def test_a_chain_that_does_not_answer_leaves_out_only_the_wallet(
+    settings: Settings, minter: Minter, dead_port: int
+) -> None:
+    queue_payments(minter, 1)
+    engine = create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO hot_wallets (address, next_nonce) VALUES (:a, 0)"),
+            {"a": minter.address},
+        )
+    engine.dispose()
+    down = dataclasses.replace(settings, rpc_url=f"http://127.0.0.1:{dead_port}")
+    metrics = scrape(create_app(down))
+    assert value(metrics, "mintq_scrape_error", source="chain") == 1
+    assert value(metrics, "mintq_scrape_error", source="database") == 0
+    assert value(metrics, "mintq_queue_items", status="pending") == 1
+    assert "mintq_chain_head_block" not in metrics
+    assert "mintq_hot_wallet_nonce_lag" not in metrics
+    assert "mintq_hot_wallet_balance_ether" not in metrics
+
+
+def test_a_database_that_does_not_answer_is_a_scrape_error_not_a_500(
+    settings: Settings, clean_db: None, dead_port: int
+) -> None:
+    down = dataclasses.replace(
+        settings, database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x"
+    )
+    app = create_app(down)
+    app.test_client().post("/mint", json={"paymentType": "custom", "txHash": "0x12"})
+    metrics = scrape(app)
+    assert value(metrics, "mintq_scrape_error", source="database") == 1
+    assert "mintq_queue_items" not in metrics
+    assert "mintq_batch_size" not in metrics
+    assert value(metrics, "mintq_scrape_error", source="chain") == 0
+    assert value(metrics, "mintq_chain_head_block") > 0
+    # Redis still answers, so the refusal counter is still there.
+    assert (
+        value(
+            metrics,
+            "mintq_payments_refused",
+            "mintq_payments_refused_total",
+            code="validation_error",
+        )
+        == 1
+    )
+
+
+def test_metrics_reads_the_shared_state_not_the_process(
+    app: Flask, other_replica: Flask, minter: Minter
+) -> None:
+    """Whatever one replica did, another reports it: nothing is kept per process."""
+    queue_payments(minter, 4)
+    assert value(scrape(app), "mintq_queue_items", status="pending") == 4
+    assert value(scrape(other_replica), "mintq_queue_items", status="pending") == 4
