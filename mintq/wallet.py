@@ -283,8 +283,9 @@ def broadcast(minter: Minter, lock: NonceLock, tx_hash: str) -> bool:
                 log.error("broadcast refused: %s", exc, extra=context)
                 raise
         now = datetime.now(UTC)
-        tx.status = "sent"
-        tx.sent_at = now
+        if tx.status == "signed":
+            tx.status = "sent"
+            tx.sent_at = now  # a rebroadcast does not restart the clock of `replace_stuck`
         if tx.batch_id is not None:
             batch = session.get(BatchMint, tx.batch_id, with_for_update=True)
             if batch is not None and batch.status == "signed":
@@ -300,12 +301,13 @@ def broadcast(minter: Minter, lock: NonceLock, tx_hash: str) -> bool:
 def reconcile(minter: Minter, lock: NonceLock) -> None:
     """On taking ownership: make every nonce we reserved reach the chain.
 
-    For each nonce between the chain's mined nonce and ours, the newest live transaction is sent
-    again (after a crash, or a node that lost its mempool). A reserved nonce with no live
-    transaction left is a gap that would block every later one: a zero-value self-transfer
-    fills it.
+    Nonces the node holds neither mined nor pending (after a crash between write-ahead and
+    broadcast, or a node that lost its mempool) get their newest live transaction sent again.
+    A reserved nonce with no live transaction left is a gap that would block every later one:
+    a zero-value self-transfer fills it.
     """
     mined = minter.nonce("latest")
+    pending = minter.nonce("pending")
     with minter.sessions() as session, session.begin():
         wallet = take_nonce(minter, session)
         next_nonce = wallet.next_nonce
@@ -331,7 +333,7 @@ def reconcile(minter: Minter, lock: NonceLock) -> None:
     newest: dict[int, str] = {}
     for nonce, tx_hash in live:
         newest.setdefault(nonce, tx_hash)
-    for nonce in range(mined, next_nonce):
+    for nonce in range(max(mined, pending), next_nonce):
         if nonce in newest:
             broadcast(minter, lock, newest[nonce])
         else:

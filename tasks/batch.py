@@ -18,7 +18,12 @@ from tasks import celery_app
 
 log = logging.getLogger(__name__)
 
-CONFIRM_WATCH_TTL = 60
+
+def _watch_ttl(settings: Settings) -> int:
+    """How long a confirmation chain counts as alive without polling. A chain lost with a
+    dead worker is restarted by the next tick once this has passed, so keep it short: a few
+    missed polls, not minutes."""
+    return max(5, int(settings.confirm_poll_seconds * 10))
 
 
 @cache
@@ -42,7 +47,7 @@ def _watch_key(batch_id: uuid.UUID | str) -> str:
 def schedule_confirmation(batch_id: uuid.UUID | str, countdown: float) -> None:
     """Start (once) the confirmation chain of a batch; a live chain keeps its key fresh."""
     m = minter()
-    if m.redis.set(_watch_key(batch_id), "1", nx=True, ex=CONFIRM_WATCH_TTL):
+    if m.redis.set(_watch_key(batch_id), "1", nx=True, ex=_watch_ttl(m.settings)):
         confirm_batch.apply_async((str(batch_id),), countdown=countdown)
 
 
@@ -76,7 +81,7 @@ def process_queue() -> dict[str, object]:
 def confirm_batch(self: Task, batch_id: str) -> str:
     """Poll one batch until it is final; retries itself with a countdown while waiting."""
     m = minter()
-    m.redis.expire(_watch_key(batch_id), CONFIRM_WATCH_TTL)
+    m.redis.expire(_watch_key(batch_id), _watch_ttl(m.settings))
     try:
         outcome = batching.confirm_batch(m, uuid.UUID(batch_id))
     except Exception as exc:

@@ -119,6 +119,8 @@ def service_env(settings: Settings) -> dict[str, str]:
         "MINTER_PRIVATE_KEY": settings.require_minter_key(),
         "CONFIRM_POLL_SECONDS": str(settings.confirm_poll_seconds),
         "BEAT_TICK_SECONDS": str(settings.beat_tick_seconds),
+        "STUCK_AFTER_SECONDS": str(settings.stuck_after_seconds),
+        "LOCK_TTL_SECONDS": str(settings.lock_ttl_seconds),
         "PYTHONUNBUFFERED": "1",
     }
 
