@@ -126,3 +126,22 @@ def bench_env(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "mintq_bench_{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def seed_queue(database_url: str, count: int) -> None:
+    """`count` pending items with distinct payment ids and recipients, oldest first."""
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO mint_queue (payment_id, payment_type, payer, recipient, amount_paid,"
+                " created_at)"
+                " SELECT '0x' || md5(i::text || 'p') || md5(i::text || 'q'), 'custom', a, a,"
+                " 1000000, now() - interval '1 hour' + i * interval '1 ms'"
+                " FROM (SELECT i, '0x' || substr(md5(i::text) || md5(i::text || 'r'), 1, 40) AS a"
+                " FROM generate_series(1, :n) AS i) AS numbered"
+            ),
+            {"n": count},
+        )
+        conn.execute(text("ANALYZE mint_queue"))
+    engine.dispose()

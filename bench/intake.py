@@ -22,28 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-
-from bench.harness import PRICE, BenchEnv, bench_env
+from bench.harness import PRICE, BenchEnv, bench_env, seed_queue
 from deploy.pay import pay_usdc
 from deploy.stack import Supervisor, api_command, port_in_use
-
-
-def seed_pending(database_url: str, count: int) -> None:
-    engine = create_engine(database_url)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO mint_queue (payment_id, payment_type, payer, recipient, amount_paid,"
-                " created_at) SELECT '0x' || md5(i::text) || md5((i + 1)::text), 'custom',"
-                " '0x' || substr(md5(i::text), 1, 40), '0x' || substr(md5(i::text), 1, 40),"
-                " 1000000, now() - interval '1 hour' + i * interval '1 ms'"
-                " FROM generate_series(1, :n) AS i"
-            ),
-            {"n": count},
-        )
-        conn.execute(text("ANALYZE mint_queue"))
-    engine.dispose()
 
 
 def prepare_bodies(env: BenchEnv, kind: str, count: int) -> list[bytes]:
@@ -123,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with bench_env("intake") as env:
         if args.pending:
-            seed_pending(env.settings.database_url, args.pending)
+            seed_queue(env.settings.database_url, args.pending)
         bodies = prepare_bodies(env, args.kind, args.requests)
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
         port = 18000 + (args.pending % 1000)

@@ -139,12 +139,10 @@ def _batch_due(session: Session, ops: OperatingSettings) -> bool:
 
 
 def max_gas_per_transaction(minter: Minter) -> int:
-    """The most gas one batch may ask for: the block gas limit (and MAX_TX_GAS, for chains that
-    cap a transaction, EIP-7825), less a safety margin."""
-    block_limit = int(
-        minter.chain.call(lambda: minter.chain.w3.eth.get_block("latest"))["gasLimit"]
-    )
-    return int(min(block_limit, minter.settings.max_tx_gas) * 0.9)
+    """The most gas one batch may ask for: half a block, so that two batches fit in every
+    block, and no more than MAX_TX_GAS (chains that cap a transaction, EIP-7825)."""
+    latest = minter.chain.call(lambda: minter.chain.w3.eth.get_block("latest"))
+    return int(min(int(latest["gasLimit"]) // 2, minter.settings.max_tx_gas) * 0.98)
 
 
 def gas_per_item(session: Session) -> int:
@@ -164,7 +162,8 @@ def gas_per_item(session: Session) -> int:
 
 def batch_limit(minter: Minter, session: Session, ops: OperatingSettings) -> int:
     """Items in the next batch: `max_batch_size`, and what fits under the gas cap."""
-    by_gas = max(1, max_gas_per_transaction(minter) // gas_per_item(session))
+    per_item = gas_per_item(session) * minter.settings.gas_limit_multiplier
+    by_gas = max(1, int(max_gas_per_transaction(minter) / per_item))
     return min(ops.max_batch_size, by_gas)
 
 
@@ -204,7 +203,8 @@ def send_batch(minter: Minter, lock: NonceLock, ops: OperatingSettings) -> uuid.
             gas_limit = int(gas * minter.settings.gas_limit_multiplier)
             if gas_limit <= cap or len(items) == 1:
                 break
-            items = items[: len(items) // 2]  # heavier items than measured: halve and retry
+            # Heavier items than measured: keep what fits, and estimate again.
+            items = items[: max(1, min(len(items) - 1, len(items) * cap // gas_limit))]
         fees = market_fees(chain)
         ensure_funds(minter, gas_limit * fees.max_fee)
         wallet = take_nonce(minter, session)

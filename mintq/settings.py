@@ -35,7 +35,7 @@ class Settings:
     # Only the worker signs; API processes run without the key.
     minter_private_key: str | None = field(default=None, repr=False)
     confirmations: int = 1
-    gas_limit_multiplier: Decimal = Decimal("1.25")
+    gas_limit_multiplier: Decimal = Decimal("1.1")
     max_fee_gwei: Decimal = Decimal("500")
     confirm_poll_seconds: float = 1.0
     beat_tick_seconds: float = 1.0
@@ -122,7 +122,7 @@ class Settings:
             price=price,
             minter_private_key=key,
             confirmations=max(1, number("CONFIRMATIONS", "1", int)),
-            gas_limit_multiplier=number("GAS_LIMIT_MULTIPLIER", "1.25", Decimal),
+            gas_limit_multiplier=number("GAS_LIMIT_MULTIPLIER", "1.1", Decimal),
             max_fee_gwei=number("MAX_FEE_GWEI", "500", Decimal),
             confirm_poll_seconds=number("CONFIRM_POLL_SECONDS", "1", float),
             beat_tick_seconds=number("BEAT_TICK_SECONDS", "1", float),

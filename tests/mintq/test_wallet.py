@@ -175,8 +175,8 @@ def test_batch_size_is_bounded_by_the_gas_cap(minter: Minter) -> None:
     with minter.sessions() as session:
         batch = session.get(BatchMint, batch_id)
         assert batch is not None
-        # 0.9 x 600k / 100k assumed per item (nothing measured yet) = 5 items.
-        assert batch.size == 5 and batch.gas_limit <= 540_000
+        # 600k x 0.98 / (100k assumed per item, nothing measured yet, x 1.1) = 5 items.
+        assert batch.size == 5 and batch.gas_limit <= 588_000
 
 
 def test_an_owner_that_lost_its_lock_signs_nothing(minter: Minter, chainside: Chainside) -> None:
