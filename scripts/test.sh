@@ -3,13 +3,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-# The status page is tested in a real headless browser (Debian's Chromium).
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+# Tests drive the status page in Debian's headless Chromium, put nginx in front of two API
+# replicas, and validate docker-compose.yml with the compose client.
+missing=()
+[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || missing+=(chromium chromium-driver)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "[test] installing chromium and chromium-driver"
-    apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+    echo "[test] installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # The Debian package may start a system nginx on :80; the tests run their own.
+    (command -v systemctl >/dev/null && systemctl stop nginx) >/dev/null 2>&1 || true
   else
-    echo "[test] chromium missing: the browser test will be skipped (apt-get install chromium chromium-driver)"
+    echo "[test] missing ${missing[*]}: those tests will be skipped (apt-get install ${missing[*]})"
   fi
 fi
 .venv/bin/ruff check .

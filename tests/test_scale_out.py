@@ -1,0 +1,219 @@
+"""Scale-out for real: two API replicas behind nginx, two Celery workers and beat against one
+PostgreSQL, Redis and anvil. Also graceful shutdown, and the minter key never leaking."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, service_env
+from deploy.stack import Supervisor, api_command, beat_command, port_in_use, worker_command
+from mintq.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format upstream '$remote_addr "$request" $status upstream=$upstream_addr';
+    access_log {dir}/access.log upstream;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream mintq_api {{
+        server 127.0.0.1:{api1};
+        server 127.0.0.1:{api2};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://mintq_api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, supervisor: Supervisor, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_in_use(port):
+        assert time.monotonic() < deadline, f"nothing listens on {port}"
+        assert supervisor.first_exited() is None, f"{supervisor.first_exited()} died"
+        time.sleep(0.1)
+
+
+@dataclass
+class Cluster:
+    url: str
+    logs: Path
+    supervisor: Supervisor
+
+    def all_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.rglob("*.log")))
+
+
+@pytest.fixture
+def cluster(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[Cluster]:
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    env = service_env(settings)
+    logs = tmp_path / "logs"
+    supervisor = Supervisor(log_dir=logs)
+    api1, api2, port = free_port(), free_port(), free_port()
+    nginx_dir = logs / "nginx"
+    nginx_dir.mkdir(parents=True)
+    conf = nginx_dir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=nginx_dir, api1=api1, api2=api2, port=port))
+    try:
+        supervisor.start("api1", api_command(api1, workers=2), env)
+        supervisor.start("api2", api_command(api2, workers=2), env)
+        supervisor.start("worker1", worker_command("worker1"), env)
+        supervisor.start("worker2", worker_command("worker2"), env)
+        supervisor.start("beat", beat_command(tmp_path / "beat-schedule"), env)
+        supervisor.start("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], env)
+        for p in (api1, api2, port):
+            wait_port(p, supervisor)
+        yield Cluster(f"http://127.0.0.1:{port}", logs, supervisor)
+    finally:
+        supervisor.stop_all()
+
+
+def wait_until_final(url: str, queue_ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        items = [requests.get(f"{url}/queue/item/{q}", timeout=10).json() for q in queue_ids]
+        if all(i["status"] in ("completed", "failed") for i in items):
+            return items
+        assert time.monotonic() < deadline, {i["status"] for i in items}
+        time.sleep(1)
+
+
+def test_three_hundred_payments_through_nginx_and_two_replicas_mint_exactly_once(
+    cluster: Cluster, chainside: Chainside, settings: Settings
+) -> None:
+    payers = [chainside.new_payer(usdc=PRICE) for _ in range(300)]
+    bodies: list[dict[str, Any]] = []
+    for i, payer in enumerate(payers):
+        if i % 2:
+            bodies.append({"paymentType": "custom", "txHash": chainside.pay(payer)})
+        else:
+            bodies.append(chainside.sign_authorization(payer))
+    pay_to_before = chainside.usdc_balance(PAY_TO)
+
+    def submit(body: dict[str, Any]) -> requests.Response:
+        return requests.post(f"{cluster.url}/mint", json=body, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(submit, bodies + bodies[:50]))  # 50 duplicates too
+    assert {r.status_code for r in responses[:300]} == {202}, responses[0].text
+    assert {r.status_code for r in responses[300:]} == {200}
+    queue_ids = [r.json()["queueId"] for r in responses[:300]]
+    assert [r.json()["queueId"] for r in responses[300:]] == queue_ids[:50]
+
+    items = wait_until_final(cluster.url, queue_ids, timeout=180)
+    assert {i["status"] for i in items} == {"completed"}
+    for payer in payers:
+        assert chainside.mint_balance(payer.address) == MINT_AMOUNT
+        assert chainside.usdc_balance(payer.address) == 0
+    assert chainside.usdc_balance(PAY_TO) == pay_to_before + 150 * PRICE  # settled in batches
+
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        history = conn.scalar(text("SELECT count(DISTINCT payment_id) FROM mint_history"))
+        [(batches, minted)] = conn.execute(
+            text("SELECT count(*), sum(size) FROM batch_mints WHERE status = 'confirmed'")
+        ).all()
+    engine.dispose()
+    assert history == 300 and minted == 300
+    assert batches >= math.ceil(300 / 50)
+
+    # Both replicas served: nginx logs which upstream answered each request.
+    upstreams = set(re.findall(r"upstream=(\S+)", (cluster.logs / "nginx/access.log").read_text()))
+    assert len(upstreams) >= 2, upstreams
+    # Two workers competed for every tick, and the nonce never collided.
+    logs = cluster.all_logs().lower()
+    assert "nonce too low" not in logs and "replacement transaction underpriced" not in logs
+
+
+def test_the_minter_key_never_appears_in_logs_or_answers(
+    cluster: Cluster, chainside: Chainside, settings: Settings
+) -> None:
+    key = settings.require_minter_key().removeprefix("0x").lower()
+    payer = chainside.new_payer(usdc=PRICE)
+    answers = [
+        requests.post(f"{cluster.url}/mint", json=chainside.sign_authorization(payer), timeout=30),
+        requests.post(f"{cluster.url}/mint", data=b"{broken", timeout=30),
+        requests.get(f"{cluster.url}/config", timeout=30),
+        requests.get(f"{cluster.url}/queue/status", timeout=30),
+        requests.get(f"{cluster.url}/metrics", timeout=30),
+        requests.get(f"{cluster.url}/openapi.json", timeout=30),
+    ]
+    wait_until_final(cluster.url, [answers[0].json()["queueId"]], timeout=60)
+    for answer in answers:
+        assert key not in answer.text.lower()
+        assert key not in str(answer.headers).lower()
+    assert key not in cluster.all_logs().lower()
+
+
+def test_sigterm_lets_the_worker_finish_and_nothing_is_half_done(
+    cluster: Cluster, chainside: Chainside, settings: Settings
+) -> None:
+    payers = [chainside.new_payer(usdc=PRICE) for _ in range(120)]
+    bodies = [chainside.sign_authorization(p) for p in payers]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(
+            pool.map(lambda b: requests.post(f"{cluster.url}/mint", json=b, timeout=60), bodies)
+        )
+    queue_ids = [r.json()["queueId"] for r in responses]
+    # Both workers get SIGTERM while batches are moving: a warm shutdown finishes the
+    # running task and hands back the rest.
+    for name in ("worker1", "worker2"):
+        process = cluster.supervisor.processes[name]
+        process.send_signal(signal.SIGTERM)
+    for name in ("worker1", "worker2"):
+        assert cluster.supervisor.processes[name].wait(timeout=60) == 0
+        cluster.supervisor.stop(name)
+    cluster.supervisor.start("worker3", worker_command("worker3"), service_env(settings))
+    items = wait_until_final(cluster.url, queue_ids, timeout=180)
+    assert {i["status"] for i in items} == {"completed"}
+    for payer in payers:
+        assert chainside.mint_balance(payer.address) == MINT_AMOUNT
+        assert chainside.usdc_balance(payer.address) == 0
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        unfinished = conn.scalar(
+            text("SELECT count(*) FROM batch_mints WHERE status IN ('signed', 'sent')")
+        )
+    engine.dispose()
+    assert unfinished == 0
