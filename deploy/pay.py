@@ -1,6 +1,8 @@
 """Pay for a mint by hand on the dev chain, like a wallet would.
 
     python -m deploy.pay transfer            # prints the tx hash of a USDC transfer to payTo
+    python -m deploy.pay gasless             # prints a signed EIP-3009 POST /mint body
+    python -m deploy.pay x402                # pays POST /mint with the official x402 client
     python -m deploy.pay balance ADDRESS     # MINT and USDC balances of ADDRESS
 
 It reads the price, USDC and payTo from the API's `GET /config`, and uses anvil's account 3
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +64,72 @@ def usdc_abi() -> list[dict[str, Any]]:
     return abi
 
 
+def fund(w3: Web3, usdc_address: str, account: LocalAccount, amount: int) -> None:
+    """Mint test USDC (dev MockUSDC) so that `account` holds at least `amount`."""
+    usdc = w3.eth.contract(address=Web3.to_checksum_address(usdc_address), abi=usdc_abi())
+    balance = usdc.functions.balanceOf(account.address).call()
+    if balance < amount:
+        send_and_wait(w3, account, usdc.functions.mint(account.address, amount - balance))
+
+
+def gasless_body(w3: Web3, config: dict[str, Any], account: LocalAccount) -> dict[str, Any]:
+    """A `POST /mint` gasless body: an EIP-3009 authorization of the price to payTo."""
+    usdc = w3.eth.contract(address=config["usdc"], abi=usdc_abi())
+    now = int(time.time())
+    message = {
+        "from": account.address,
+        "to": config["payTo"],
+        "value": int(config["price"]),
+        "validAfter": now - 60,
+        "validBefore": now + 3600,
+        "nonce": secrets.token_bytes(32),
+    }
+    fields = [
+        ("from", "address"),
+        ("to", "address"),
+        ("value", "uint256"),
+        ("validAfter", "uint256"),
+        ("validBefore", "uint256"),
+        ("nonce", "bytes32"),
+    ]
+    signed = account.sign_typed_data(
+        full_message={
+            "types": {"TransferWithAuthorization": [{"name": n, "type": t} for n, t in fields]},
+            "primaryType": "TransferWithAuthorization",
+            "domain": {
+                "name": usdc.functions.name().call(),
+                "version": usdc.functions.version().call(),
+                "chainId": int(config["chainId"]),
+                "verifyingContract": config["usdc"],
+            },
+            "message": message,
+        }
+    )
+    authorization = {k: str(v) for k, v in message.items() if k != "nonce"}
+    authorization["nonce"] = "0x" + message["nonce"].hex()
+    return {
+        "paymentType": "gasless",
+        "authorization": authorization,
+        "signature": "0x" + bytes(signed.signature).hex(),
+    }
+
+
+def pay_x402(api: str, config: dict[str, Any], account: LocalAccount) -> Any:
+    """POST /mint with the official x402 SDK client: it reads the 402, signs, and retries."""
+    from x402 import x402ClientSync
+    from x402.http.clients.requests import x402_requests
+    from x402.mechanisms.evm import EthAccountSigner
+    from x402.mechanisms.evm.exact import register_exact_evm_client
+
+    client = x402ClientSync()
+    register_exact_evm_client(client, EthAccountSigner(account))
+    # The one client setting: allow this (non-default) USDC.
+    client.set_spend_controls(
+        {"allowed_assets": [{"network": config["network"], "asset": config["usdc"]}]}
+    )
+    return x402_requests(client).post(f"{api.rstrip('/')}/mint", timeout=60)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.pay", description=__doc__)
     parser.add_argument("--api", default=os.environ.get("MINTQ_API", "http://127.0.0.1:8000"))
@@ -68,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     transfer = sub.add_parser("transfer", help="send the price in USDC to payTo")
     transfer.add_argument("--key", default=ANVIL_KEYS[3], help="payer private key (dev chain)")
     transfer.add_argument("--amount", type=int, help="atomic USDC units (default: the price)")
+    for name, text in (("gasless", "print a signed EIP-3009 POST /mint body"),
+                       ("x402", "pay POST /mint with the official x402 client")):  # fmt: skip
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--key", default=ANVIL_KEYS[4], help="payer private key (dev chain)")
     balance = sub.add_parser("balance", help="MINT and USDC balances of an address")
     balance.add_argument("address")
     args = parser.parse_args(argv)
@@ -80,6 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(pay_usdc(w3, config["usdc"], account, config["payTo"], amount))
         print(f"paid {amount} from {account.address}", file=sys.stderr)
         return 0
+    if args.command in ("gasless", "x402"):
+        account = Account.from_key(args.key)
+        fund(w3, config["usdc"], account, int(config["price"]))
+        if args.command == "gasless":
+            print(json.dumps(gasless_body(w3, config, account)))
+            return 0
+        response = pay_x402(args.api, config, account)
+        print(response.text)
+        print(f"HTTP {response.status_code}, payer {account.address}", file=sys.stderr)
+        return 0 if response.status_code in (200, 202) else 1
     address = Web3.to_checksum_address(args.address)
     token = w3.eth.contract(address=config["token"], abi=load_artifact("MintToken")["abi"])
     usdc = w3.eth.contract(address=config["usdc"], abi=usdc_abi())
