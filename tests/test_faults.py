@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ from mintq.settings import Settings
 
 pytestmark = pytest.mark.slow
 
-CUSTOM_ITEMS = 120
+CUSTOM_ITEMS = 280
 GASLESS_ITEMS = 20
 
 
@@ -248,6 +249,24 @@ def test_a_worker_killed_at_any_step_loses_and_doubles_nothing(
         wait_for(system.worker_died, 60, f"the worker to die at {crash_at}")
         system.supervisor.stop("worker")
         system.start_worker()  # a new worker, as an operator (or systemd) would start
+        system.wait_all_final()
+        system.assert_each_minted_exactly_once()
+
+
+def test_sigkill_at_random_moments_while_hundreds_of_payments_flow(
+    fresh: Settings, chainside: Chainside, tmp_path: Path
+) -> None:
+    rng = random.Random(402)
+    with fault_system(fresh, chainside, tmp_path) as system:
+        system.queue_payments()
+        system.start_beat()
+        for round_ in range(4):
+            system.start_worker(f"worker{round_}")
+            time.sleep(rng.uniform(0.5, 3.0))
+            process = system.supervisor.processes[f"worker{round_}"]
+            os.killpg(process.pid, signal.SIGKILL)
+            system.supervisor.stop(f"worker{round_}")
+        system.start_worker("survivor")
         system.wait_all_final()
         system.assert_each_minted_exactly_once()
 

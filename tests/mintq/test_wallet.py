@@ -217,3 +217,28 @@ def test_settings_change_applies_on_the_next_tick(minter: Minter) -> None:
     with minter.sessions() as session:
         sizes = [session.get(BatchMint, b).size for b in first]  # type: ignore[union-attr]
     assert sizes == [5, 5]  # two full batches at once; 2 wait for the interval
+
+
+def test_a_batch_reorged_out_before_its_depth_is_resent_and_confirmed_once(
+    minter: Minter, chainside: Chainside
+) -> None:
+    deep = dataclasses.replace(
+        minter, settings=dataclasses.replace(minter.settings, confirmations=3)
+    )
+    payments = queue_payments(minter, 2)
+    [batch_id] = batching.process_queue(deep).sent
+    [ours] = transactions(minter)
+    assert chainside.w3.eth.get_transaction_receipt(ours.tx_hash)["status"] == 1
+    assert batching.confirm_batch(deep, batch_id).state == "waiting"  # 1 of 3 confirmations
+
+    # The block holding the batch is replaced by one without it.
+    chainside.w3.provider.make_request("anvil_reorg", [1, []])  # type: ignore[arg-type]
+    assert batching.confirm_batch(deep, batch_id).state == "waiting"
+    assert minter.nonce("latest") == ours.nonce  # the nonce is free again
+
+    batching.process_queue(deep)  # the owner sends the recorded bytes again
+    mine(chainside, 3)
+    assert batching.confirm_batch(deep, batch_id).state == "confirmed"
+    assert [t.tx_hash for t in transactions(minter)] == [ours.tx_hash]
+    for payment in payments:
+        assert chainside.mint_balance(payment.recipient) == MINT_AMOUNT
