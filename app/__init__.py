@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import Flask
 
+from app.admin import bp as admin_bp
+from app.cli import cli as admin_cli
 from app.errors import register_error_handlers
 from app.health import bp as health_bp
 from app.metrics import bp as metrics_bp
@@ -24,4 +26,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(health_bp)
     app.register_blueprint(metrics_bp)
     app.register_blueprint(pages_bp)
+    app.register_blueprint(admin_bp)
+    app.cli.add_command(admin_cli)
     return app

@@ -382,6 +382,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
     for schema in COMPONENT_SCHEMAS:
         spec.components.schema(schema.__name__.removesuffix("Schema"), schema=schema)
     spec.components.response("Error", _json(ErrorSchema, "The request was refused."))
+    # The admin API (app/admin.py): `Authorization: Bearer <ADMIN_TOKEN>`.
+    spec.components.security_scheme("adminToken", {"type": "http", "scheme": "bearer"})
     spec.components.response(
         "Unavailable",
         _json(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
@@ -19,6 +20,8 @@ class ConfigError(RuntimeError):
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/mintq"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# A shorter admin token could be guessed; `openssl rand -hex 32` gives 64 characters.
+MIN_ADMIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Settings:
     price: int
     # Only the worker signs; API processes run without the key.
     minter_private_key: str | None = field(default=None, repr=False)
+    # Bearer token of the admin API (`/admin/...`); unset, the admin API answers 503.
+    admin_token: str | None = field(default=None, repr=False)
     confirmations: int = 1
     gas_limit_multiplier: Decimal = Decimal("1.1")
     max_fee_gwei: Decimal = Decimal("500")
@@ -58,8 +63,25 @@ class Settings:
     x402_versions: frozenset[int] = frozenset({1, 2})
     # x402: verify and settle through this facilitator instead of settling in the batch.
     facilitator_url: str | None = None
+    # Webhooks: the hosts a callbackUrl may name (exact, or `*.example.com` for subdomains).
+    # Empty: webhooks are off and a callbackUrl is refused.
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    # Signs every webhook (HMAC-SHA256); required when webhooks are on.
+    webhook_secret: str | None = field(default=None, repr=False)
+    # http:// callbacks (to allow-listed hosts); otherwise https only.
+    webhook_allow_http: bool = False
+    # Deliver to private, loopback or link-local addresses, only for hosts listed exactly
+    # (never through a `*.` pattern). Off: a host resolving to one is refused at delivery.
+    webhook_allow_private: bool = False
+    # `POST /mint` limits, counted in Redis across replicas; None: no limit.
+    rate_limit_per_ip: RateLimit | None = None
+    rate_limit_per_payer: RateLimit | None = None
+    # Proxies in front of the API whose X-Forwarded-For is believed (0: the peer address).
+    trusted_proxies: int = 0
+    # Live-update streams one API process serves at once: each holds a gunicorn thread.
+    event_streams_per_process: int = 4
 
-    def __repr__(self) -> str:  # never print the key, even by accident
+    def __repr__(self) -> str:  # never print the key or the admin token, even by accident
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
         return f"Settings({shown})"
 
@@ -112,6 +134,19 @@ class Settings:
         if price == 0:
             raise ConfigError("PRICE must be above zero")
         key = source.get("MINTER_PRIVATE_KEY", "").strip() or None
+        webhook_hosts = allowed_hosts(source.get("WEBHOOK_ALLOWED_HOSTS", ""))
+        webhook_secret = source.get("WEBHOOK_SECRET", "").strip() or None
+        if webhook_hosts and (webhook_secret is None or len(webhook_secret) < 16):
+            raise ConfigError(
+                "WEBHOOK_SECRET (at least 16 characters) is required when "
+                "WEBHOOK_ALLOWED_HOSTS is set"
+            )
+        admin_token = source.get("ADMIN_TOKEN", "").strip() or None
+        if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ConfigError(
+                f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters "
+                "(e.g. `openssl rand -hex 32`)"
+            )
         return cls(
             database_url=source.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL,
             redis_url=source.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL,
@@ -121,6 +156,7 @@ class Settings:
             pay_to=address("PAY_TO"),
             price=price,
             minter_private_key=key,
+            admin_token=admin_token,
             confirmations=max(1, number("CONFIRMATIONS", "1", int)),
             gas_limit_multiplier=number("GAS_LIMIT_MULTIPLIER", "1.1", Decimal),
             max_fee_gwei=number("MAX_FEE_GWEI", "500", Decimal),
@@ -139,4 +175,67 @@ class Settings:
             x402_max_timeout_seconds=number("X402_MAX_TIMEOUT_SECONDS", "3600", int),
             facilitator_url=source.get("FACILITATOR_URL", "").strip() or None,
             x402_versions=versions(source.get("X402_VERSIONS", "").strip() or "2,1"),
+            webhook_allowed_hosts=webhook_hosts,
+            webhook_secret=webhook_secret,
+            webhook_allow_http=flag(source, "WEBHOOK_ALLOW_HTTP"),
+            webhook_allow_private=flag(source, "WEBHOOK_ALLOW_PRIVATE"),
+            rate_limit_per_ip=RateLimit.parse("RATE_LIMIT_PER_IP", source.get("RATE_LIMIT_PER_IP")),
+            rate_limit_per_payer=RateLimit.parse(
+                "RATE_LIMIT_PER_PAYER", source.get("RATE_LIMIT_PER_PAYER")
+            ),
+            trusted_proxies=number("TRUSTED_PROXIES", "0", int),
+            event_streams_per_process=max(1, number("EVENT_STREAMS_PER_PROCESS", "4", int)),
         )
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `requests` requests per `seconds`."""
+
+    requests: int
+    seconds: int
+
+    @classmethod
+    def parse(cls, name: str, raw: str | None) -> RateLimit | None:
+        """`"60/60"` is 60 requests per 60 s; empty or a zero disables the limit."""
+        text = (raw or "").strip()
+        if not text or text == "0":
+            return None
+        requests, _, seconds = text.partition("/")
+        try:
+            limit = cls(int(requests), int(seconds))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be <requests>/<seconds>, e.g. 60/60, got {raw!r}"
+            ) from None
+        if limit.requests < 0 or limit.seconds < 0:
+            raise ConfigError(f"{name} must not be negative, got {raw!r}")
+        return limit if limit.requests and limit.seconds else None
+
+
+def flag(source: Mapping[str, str], name: str) -> bool:
+    raw = source.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+_HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]+$")
+
+
+def allowed_hosts(raw: str) -> tuple[str, ...]:
+    """WEBHOOK_ALLOWED_HOSTS: comma-separated hosts, `*.example.com` for any subdomain."""
+    hosts = []
+    for entry in raw.split(","):
+        host = entry.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+        if not host:
+            continue
+        if not _HOST_PATTERN.match(host):
+            raise ConfigError(
+                "WEBHOOK_ALLOWED_HOSTS lists host names or `*.example.com` patterns "
+                f"(no scheme, port or path), got {entry.strip()!r}"
+            )
+        hosts.append(host)
+    return tuple(hosts)
