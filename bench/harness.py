@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from web3 import Web3
 
 from db.session import make_engine, make_session_factory
 from deploy.devchain import ANVIL_KEYS, Anvil, Deployment, deploy, start_anvil
-from deploy.pay import send_and_wait
+from deploy.pay import send_and_wait, sign_authorization
 from deploy.stack import ensure_database, migrate
 from mintq.batching import Minter
 from mintq.chain import Chain, load_artifact
@@ -28,11 +27,6 @@ from mintq.settings import Settings
 PRICE = 1_000_000
 MINT_AMOUNT = 100 * 10**18
 PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
-AUTHORIZATION_TYPES = [
-    {"name": n, "type": t}
-    for n, t in (("from", "address"), ("to", "address"), ("value", "uint256"),
-                 ("validAfter", "uint256"), ("validBefore", "uint256"), ("nonce", "bytes32"))
-]  # fmt: skip
 
 
 @dataclass
@@ -74,27 +68,14 @@ class BenchEnv:
             send_and_wait(self.w3, payer, self.usdc.functions.mint(payer.address, usdc))
         return payer
 
-    def sign_gasless(self, payer: LocalAccount, valid_for: int = 3600) -> dict[str, Any]:
-        now = int(time.time())
-        message = {"from": payer.address, "to": PAY_TO, "value": PRICE, "validAfter": now - 60,
-                   "validBefore": now + valid_for, "nonce": secrets.token_bytes(32)}  # fmt: skip
-        signed = payer.sign_typed_data(
-            full_message={
-                "types": {"TransferWithAuthorization": AUTHORIZATION_TYPES},
-                "primaryType": "TransferWithAuthorization",
-                "domain": {
-                    "name": "USD Coin",
-                    "version": "2",
-                    "chainId": self.deployment.chain_id,
-                    "verifyingContract": self.deployment.usdc,
-                },
-                "message": message,
-            }
-        )
-        auth = {k: str(v) for k, v in message.items() if k != "nonce"}
-        auth["nonce"] = "0x" + message["nonce"].hex()  # type: ignore[attr-defined]
-        return {"paymentType": "gasless", "authorization": auth,
-                "signature": "0x" + bytes(signed.signature).hex()}  # fmt: skip
+    def sign_gasless(self, payer: LocalAccount) -> dict[str, Any]:
+        domain = {
+            "name": "USD Coin",
+            "version": "2",
+            "chainId": self.deployment.chain_id,
+            "verifyingContract": self.deployment.usdc,
+        }
+        return sign_authorization(payer, domain, to=PAY_TO, value=PRICE)
 
 
 @contextmanager

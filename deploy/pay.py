@@ -72,46 +72,71 @@ def fund(w3: Web3, usdc_address: str, account: LocalAccount, amount: int) -> Non
         send_and_wait(w3, account, usdc.functions.mint(account.address, amount - balance))
 
 
-def gasless_body(w3: Web3, config: dict[str, Any], account: LocalAccount) -> dict[str, Any]:
-    """A `POST /mint` gasless body: an EIP-3009 authorization of the price to payTo."""
-    usdc = w3.eth.contract(address=config["usdc"], abi=usdc_abi())
-    now = int(time.time())
-    message = {
-        "from": account.address,
-        "to": config["payTo"],
-        "value": int(config["price"]),
-        "validAfter": now - 60,
-        "validBefore": now + 3600,
-        "nonce": secrets.token_bytes(32),
-    }
-    fields = [
+AUTHORIZATION_TYPES = [
+    {"name": name, "type": kind}
+    for name, kind in (
         ("from", "address"),
         ("to", "address"),
         ("value", "uint256"),
         ("validAfter", "uint256"),
         ("validBefore", "uint256"),
         ("nonce", "bytes32"),
-    ]
+    )
+]
+
+
+def sign_authorization(
+    account: LocalAccount,
+    domain: dict[str, Any],
+    *,
+    to: str,
+    value: int,
+    valid_after: int | None = None,
+    valid_before: int | None = None,
+    nonce: bytes | None = None,
+) -> dict[str, Any]:
+    """A `POST /mint` gasless body: an EIP-3009 authorization signed as a wallet would.
+
+    `domain` is the token's EIP-712 domain (name, version, chainId, verifyingContract).
+    Valid from a minute ago for an hour unless told otherwise; a random nonce.
+    """
+    now = int(time.time())
+    nonce = nonce or secrets.token_bytes(32)
+    message = {
+        "from": account.address,
+        "to": to,
+        "value": value,
+        "validAfter": now - 60 if valid_after is None else valid_after,
+        "validBefore": now + 3600 if valid_before is None else valid_before,
+        "nonce": nonce,
+    }
     signed = account.sign_typed_data(
         full_message={
-            "types": {"TransferWithAuthorization": [{"name": n, "type": t} for n, t in fields]},
+            "types": {"TransferWithAuthorization": AUTHORIZATION_TYPES},
             "primaryType": "TransferWithAuthorization",
-            "domain": {
-                "name": usdc.functions.name().call(),
-                "version": usdc.functions.version().call(),
-                "chainId": int(config["chainId"]),
-                "verifyingContract": config["usdc"],
-            },
+            "domain": domain,
             "message": message,
         }
     )
     authorization = {k: str(v) for k, v in message.items() if k != "nonce"}
-    authorization["nonce"] = "0x" + message["nonce"].hex()
+    authorization["nonce"] = "0x" + nonce.hex()
     return {
         "paymentType": "gasless",
         "authorization": authorization,
         "signature": "0x" + bytes(signed.signature).hex(),
     }
+
+
+def gasless_body(w3: Web3, config: dict[str, Any], account: LocalAccount) -> dict[str, Any]:
+    """A gasless body for the price, to payTo, in the domain read from the USDC contract."""
+    usdc = w3.eth.contract(address=config["usdc"], abi=usdc_abi())
+    domain = {
+        "name": usdc.functions.name().call(),
+        "version": usdc.functions.version().call(),
+        "chainId": int(config["chainId"]),
+        "verifyingContract": config["usdc"],
+    }
+    return sign_authorization(account, domain, to=config["payTo"], value=int(config["price"]))
 
 
 def pay_x402(api: str, config: dict[str, Any], account: LocalAccount) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from werkzeug.serving import make_server
 
 from db.session import make_engine, make_session_factory
 from deploy.devchain import ANVIL_KEYS, Anvil, Deployment, deploy, start_anvil
-from deploy.pay import pay_usdc, send_and_wait
+from deploy.pay import pay_usdc, send_and_wait, sign_authorization
 from deploy.stack import ensure_database, migrate
 from mintq.batching import Minter
 from mintq.chain import Chain, load_artifact
@@ -37,17 +36,6 @@ MINT_AMOUNT = 100 * 10**18
 DEPLOYER_KEY = ANVIL_KEYS[0]
 MINTER_KEY = ANVIL_KEYS[1]
 PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
-AUTHORIZATION_FIELDS = [
-    {"name": name, "type": kind}
-    for name, kind in (
-        ("from", "address"),
-        ("to", "address"),
-        ("value", "uint256"),
-        ("validAfter", "uint256"),
-        ("validBefore", "uint256"),
-        ("nonce", "bytes32"),
-    )
-]
 TABLES = ("mint_history", "mint_queue", "wallet_transactions", "batch_mints", "hot_wallets")
 
 
@@ -221,36 +209,47 @@ class Chainside:
         domain: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A `POST /mint` gasless body, signed by `payer` as a wallet would (eth_account)."""
-        now = int(time.time())
-        message = {
-            "from": payer.address,
-            "to": to,
-            "value": value,
-            "validAfter": now - 60 if valid_after is None else valid_after,
-            "validBefore": now + 3600 if valid_before is None else valid_before,
-            "nonce": nonce or secrets.token_bytes(32),
-        }
-        typed = {
-            "types": {"TransferWithAuthorization": AUTHORIZATION_FIELDS},
-            "primaryType": "TransferWithAuthorization",
-            "domain": {
-                "name": "USD Coin",
-                "version": "2",
-                "chainId": 31337,
-                "verifyingContract": self.deployment.usdc,
-                **(domain or {}),
-            },
-            "message": message,
-        }
-        signed = payer.sign_typed_data(full_message=typed)
+        return sign_authorization(
+            payer,
+            {**self.domain, **(domain or {})},
+            to=to,
+            value=value,
+            valid_after=valid_after,
+            valid_before=valid_before,
+            nonce=nonce,
+        )
+
+    @property
+    def domain(self) -> dict[str, Any]:
         return {
-            "paymentType": "gasless",
-            "authorization": {
-                **{k: str(v) for k, v in message.items() if k != "nonce"},
-                "nonce": "0x" + message["nonce"].hex(),  # type: ignore[attr-defined]
-            },
-            "signature": "0x" + bytes(signed.signature).hex(),
+            "name": "USD Coin",
+            "version": "2",
+            "chainId": self.deployment.chain_id,
+            "verifyingContract": self.deployment.usdc,
         }
+
+    def cancel_authorization(self, payer: LocalAccount, nonce: bytes) -> None:
+        """The payer cancels an unused authorization on chain (EIP-3009 cancelAuthorization)."""
+        cancel = payer.sign_typed_data(
+            full_message={
+                "types": {
+                    "CancelAuthorization": [
+                        {"name": "authorizer", "type": "address"},
+                        {"name": "nonce", "type": "bytes32"},
+                    ]
+                },
+                "primaryType": "CancelAuthorization",
+                "domain": self.domain,
+                "message": {"authorizer": payer.address, "nonce": nonce},
+            }
+        )
+        send_and_wait(
+            self.w3,
+            payer,
+            self.usdc.functions.cancelAuthorization(
+                payer.address, nonce, cancel.v, cancel.r.to_bytes(32), cancel.s.to_bytes(32)
+            ),
+        )
 
     def usdc_balance(self, address: str) -> int:
         return int(self.usdc.functions.balanceOf(address).call())

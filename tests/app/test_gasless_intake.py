@@ -161,31 +161,7 @@ def test_a_cancelled_authorization_is_refused_at_the_door(
     payer = chainside.new_payer(usdc=PRICE)
     body = chainside.sign_authorization(payer)
     nonce = bytes.fromhex(body["authorization"]["nonce"][2:])
-    cancel = payer.sign_typed_data(
-        full_message={
-            "types": {
-                "CancelAuthorization": [
-                    {"name": "authorizer", "type": "address"},
-                    {"name": "nonce", "type": "bytes32"},
-                ]
-            },
-            "primaryType": "CancelAuthorization",
-            "domain": {
-                "name": "USD Coin",
-                "version": "2",
-                "chainId": 31337,
-                "verifyingContract": chainside.deployment.usdc,
-            },
-            "message": {"authorizer": payer.address, "nonce": nonce},
-        }
-    )
-    send_and_wait(
-        chainside.w3,
-        payer,
-        chainside.usdc.functions.cancelAuthorization(
-            payer.address, nonce, cancel.v, cancel.r.to_bytes(32), cancel.s.to_bytes(32)
-        ),
-    )
+    chainside.cancel_authorization(payer, nonce)
     assert_error(client.post("/mint", json=body), 409, "authorization_used")
     assert row_count(settings) == 0
 

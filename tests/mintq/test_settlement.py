@@ -124,31 +124,7 @@ def test_a_cancelled_authorization_fails_with_no_mint(minter: Minter, chainside:
     body = chainside.sign_authorization(payer)
     payment = queue_gasless(minter, body)
     nonce = bytes.fromhex(body["authorization"]["nonce"][2:])
-    cancel = payer.sign_typed_data(
-        full_message={
-            "types": {
-                "CancelAuthorization": [
-                    {"name": "authorizer", "type": "address"},
-                    {"name": "nonce", "type": "bytes32"},
-                ]
-            },
-            "primaryType": "CancelAuthorization",
-            "domain": {
-                "name": "USD Coin",
-                "version": "2",
-                "chainId": 31337,
-                "verifyingContract": chainside.deployment.usdc,
-            },
-            "message": {"authorizer": payer.address, "nonce": nonce},
-        }
-    )
-    send_and_wait(
-        chainside.w3,
-        payer,
-        chainside.usdc.functions.cancelAuthorization(
-            payer.address, nonce, cancel.v, cancel.r.to_bytes(32), cancel.s.to_bytes(32)
-        ),
-    )
+    chainside.cancel_authorization(payer, nonce)
     assert run_batch(minter) == ["confirmed"]
     item = item_of(minter, payment)
     assert item.status == "failed"
