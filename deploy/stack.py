@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +108,13 @@ class Supervisor:
     output: IO[str] | None = None
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
 
     def start(
         self, name: str, args: Sequence[str], env: Mapping[str, str]
     ) -> subprocess.Popen[bytes]:
+        self.commands[name] = (list(args), dict(env))
         log_file = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,25 @@ class Supervisor:
     def stop_all(self) -> None:
         for name in reversed(list(self.processes)):
             self.stop(name)
+
+    def restart_exited(self, max_restarts: int = 5, window: float = 60.0) -> list[str]:
+        """Start again every process that exited, as systemd's Restart=always would (a Celery
+        worker can die when the broker goes away). Raises RuntimeError for a process that
+        keeps dying: more than `max_restarts` within `window` seconds."""
+        restarted = []
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < window] + [now]
+            self.restarts[name] = recent
+            if len(recent) > max_restarts:
+                raise RuntimeError(f"{name} keeps exiting (code {process.returncode})")
+            self.stop(name)
+            args, env = self.commands[name]
+            self.start(name, args, env)
+            restarted.append(name)
+        return restarted
 
     def first_exited(self) -> str | None:
         for name, process in self.processes.items():
@@ -350,10 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Ctrl-C stops everything.\n",
             flush=True,
         )
-        while not stopping.wait(0.5):
-            exited = supervisor.first_exited()
-            if exited is not None:
-                print(f"{exited} exited unexpectedly; stopping everything", file=sys.stderr)
+        while not stopping.wait(1.0):
+            try:
+                for name in supervisor.restart_exited():
+                    print(f"{name} exited unexpectedly; started it again", file=sys.stderr)
+            except RuntimeError as exc:
+                print(f"{exc}; stopping everything", file=sys.stderr)
                 return 1
         return 0
     finally:

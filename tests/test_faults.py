@@ -186,14 +186,16 @@ class FaultSystem:
         engine.dispose()
 
     def wait_all_final(self, timeout: float = 180) -> None:
+        """Wait for every item to be final, restarting any process that died on the way, as
+        the stack's supervisor (or systemd, or Docker's restart policy) does."""
         total = len(self.payments)
-        wait_for(
-            lambda: (
-                sum(v for k, v in self.counts().items() if k in ("completed", "failed")) == total
-            ),
-            timeout,
-            f"all {total} items to complete (now {self.counts()})",
-        )
+
+        def done() -> bool:
+            self.supervisor.restart_exited()
+            final = sum(v for k, v in self.counts().items() if k in ("completed", "failed"))
+            return final == total
+
+        wait_for(done, timeout, f"all {total} items to complete (now {self.counts()})")
 
     def assert_each_minted_exactly_once(self) -> None:
         assert self.counts() == {"completed": len(self.payments)}
