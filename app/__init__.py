@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.admin import bp as admin_bp
 from app.cli import cli as admin_cli
 from app.errors import register_error_handlers
+from app.events import bp as events_bp
 from app.health import bp as health_bp
 from app.metrics import bp as metrics_bp
 from app.pages import bp as pages_bp
@@ -21,11 +23,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json.sort_keys = False  # type: ignore[attr-defined]
     svc = services or Services.from_settings(settings or Settings.from_env())
     app.extensions["mintq"] = svc
+    if svc.settings.trusted_proxies:
+        # The client is the address the outermost trusted proxy saw (rate limits key on it).
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=svc.settings.trusted_proxies, x_proto=0, x_host=0
+        )
     register_error_handlers(app)
     app.register_blueprint(bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(metrics_bp)
     app.register_blueprint(pages_bp)
+    app.register_blueprint(events_bp)
     app.register_blueprint(admin_bp)
     app.cli.add_command(admin_cli)
     return app

@@ -10,17 +10,19 @@ from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from marshmallow import ValidationError
 from sqlalchemy.orm import Session
 
+from app import ratelimit
 from app.schemas import (
     BatchSchema,
     ConfigSchema,
     HotWalletSchema,
-    QueueItemSchema,
+    load_callback_url,
     load_mint_request,
 )
 from db.models import MintQueueItem
-from mintq import eip3009, payments, queue
+from mintq import eip3009, payments, queue, webhooks
 from mintq.eip3009 import Authorization
 from mintq.errors import MintqError, PaymentRejected
 from mintq.operating import OperatingSettings
@@ -29,7 +31,6 @@ from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402P
 
 bp = Blueprint("api", __name__)
 
-_item_schema = QueueItemSchema()
 _batch_schema = BatchSchema()
 
 
@@ -54,15 +55,7 @@ def _close_session(_exc: BaseException | None) -> None:
 
 
 def _item_view(session: Session, item: MintQueueItem, ops: OperatingSettings) -> dict[str, Any]:
-    position = queue.queue_position(session, item)
-    data: dict[str, Any] = _item_schema.dump(
-        {
-            **{c: getattr(item, c) for c in _item_schema.fields if hasattr(item, c)},
-            "queue_position": position,
-            "estimated_wait_seconds": queue.estimated_wait_seconds(position, ops),
-        }
-    )
-    return data
+    return queue.item_view(session, item, ops)
 
 
 def _payment_required(message: str = "This endpoint needs a payment.") -> MintqError:
@@ -118,21 +111,26 @@ def get_config() -> Response:
 @bp.post("/mint")
 def post_mint() -> tuple[Response, int]:
     """Verify a payment and queue one mint for it; the same payment again returns its item."""
+    ratelimit.check_client()
     gateway = services().x402
     if request.headers.get(PAYMENT_SIGNATURE) or request.headers.get(X_PAYMENT):
+        callback_url = _callback_url(None)
         with _x402_refusals_repeat_requirements(gateway):
             payment = gateway.decode(request.headers.get)
             assert payment is not None
-            return _x402_mint(gateway, payment)
+            return _x402_mint(gateway, payment, callback_url)
     body = _read_json_body()
     if body is None:
         raise _payment_required()
     data = load_mint_request(body)
+    callback_url = _callback_url(data["callback_url"])
     chain = services().chain
     if data["payment_type"] == "custom":
         tx_hash = data["tx_hash"]
         return _queue_once(
-            payments.custom_payment_id(tx_hash), lambda: payments.verify_custom(chain, tx_hash)
+            payments.custom_payment_id(tx_hash),
+            lambda: payments.verify_custom(chain, tx_hash),
+            callback_url=callback_url,
         )
     authorization: Authorization = data["authorization"]
     signature: bytes = data["signature"]
@@ -141,7 +139,22 @@ def post_mint() -> tuple[Response, int]:
             chain.chain_id, chain.usdc.address, authorization.sender, authorization.nonce
         ),
         lambda: payments.verify_gasless(chain, authorization, signature),
+        payer=authorization.sender,
+        callback_url=callback_url,
     )
+
+
+def _callback_url(from_body: str | None) -> str | None:
+    """The request's `callbackUrl`, if the operator allows it: from the JSON body, or from the
+    query string (an x402 request has no body)."""
+    raw = request.args.get("callbackUrl")
+    from_query = None if raw is None else load_callback_url(raw)
+    if from_body is not None and from_query is not None and from_body != from_query:
+        raise ValidationError({"callbackUrl": ["given in the body and the query, differently"]})
+    url = from_body or from_query
+    if url is not None:
+        webhooks.check_callback_url(url, services().settings)
+    return url
 
 
 @contextmanager
@@ -156,17 +169,27 @@ def _x402_refusals_repeat_requirements(gateway: X402Gateway) -> Iterator[None]:
         raise
 
 
-def _x402_mint(gateway: X402Gateway, payment: X402Payment) -> tuple[Response, int]:
+def _x402_mint(
+    gateway: X402Gateway, payment: X402Payment, callback_url: str | None
+) -> tuple[Response, int]:
     """Queue an x402 payment (or, with a facilitator, settle it and queue the mint)."""
+    auth = payment.authorization
     if gateway.facilitator_url:
-        auth = payment.authorization
         existing = queue.find_by_authorization(db(), auth.sender, auth.nonce)
         response, status = _queue_once(
             existing.payment_id if existing else None,
             lambda: gateway.verify_and_settle(payment),
+            payer=auth.sender,
+            callback_url=callback_url,
+            settles=True,
         )
     else:
-        response, status = _queue_once(gateway.payment_id(payment), lambda: gateway.verify(payment))
+        response, status = _queue_once(
+            gateway.payment_id(payment),
+            lambda: gateway.verify(payment),
+            payer=auth.sender,
+            callback_url=callback_url,
+        )
     item = response.get_json()
     name, value = gateway.response_header(
         payment, item["payer"], item["paymentId"] if gateway.facilitator_url else None
@@ -176,14 +199,28 @@ def _x402_mint(gateway: X402Gateway, payment: X402Payment) -> tuple[Response, in
 
 
 def _queue_once(
-    payment_id: str | None, verify: Callable[[], payments.VerifiedPayment]
+    payment_id: str | None,
+    verify: Callable[[], payments.VerifiedPayment],
+    *,
+    payer: str | None = None,
+    callback_url: str | None = None,
+    settles: bool = False,
 ) -> tuple[Response, int]:
-    """202 with a new item for a verified payment; 200 with the existing item for a repeat."""
+    """202 with a new item for a verified payment; 200 with the existing item for a repeat.
+
+    The payer's rate limit: a `payer` known before verification (an authorization's `from`)
+    over its limit is refused before any chain call; every verified payment counts, and is
+    refused over the limit unless verifying it already moved the money (`settles`).
+    """
     session = db()
     item = queue.find_by_payment_id(session, payment_id) if payment_id else None
     created = False
     if item is None:
-        item, created = queue.enqueue(session, verify())
+        if payer is not None:
+            ratelimit.check_payer_before_verifying(payer)
+        payment = verify()
+        ratelimit.count_payer(payment.payer, refuse=not settles)
+        item, created = queue.enqueue(session, payment, callback_url)
         session.commit()
     ops = services().operating(session)
     return jsonify(_item_view(session, item, ops)), 202 if created else 200

@@ -7,7 +7,9 @@ from typing import Any
 from eth_utils import is_address, to_checksum_address
 from marshmallow import Schema, ValidationError, fields, validate
 
+from mintq import webhooks
 from mintq.eip3009 import MAX_UINT256, Authorization
+from mintq.queue import QueueItemSchema as QueueItemSchema  # the view lives with the queue
 
 TX_HASH = validate.Regexp(r"^0x[0-9a-fA-F]{64}$", error="must be a 0x-prefixed 32-byte hex hash")
 
@@ -59,6 +61,44 @@ class HexBytes(fields.Field):
         return raw
 
 
+class CallbackUrl(fields.String):
+    """An absolute http(s) URL; whether webhooks may go there is the operator's allow-list."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        url = super()._deserialize(value, attr, data, **kwargs)
+        problem = webhooks.url_problem(url)
+        if problem is not None:
+            raise ValidationError(problem)
+        return url
+
+
+def _callback_url_field() -> CallbackUrl:
+    return CallbackUrl(
+        data_key="callbackUrl",
+        load_default=None,
+        metadata={
+            "description": (
+                "Optional. When the mint is completed or failed, the item (as `GET "
+                "/queue/item` answers it) plus `event` is POSTed here, signed with "
+                '`X-Mintq-Signature: t=<unix time>,v1=<HMAC-SHA256 hex of "<t>.<body>">`. '
+                "The host must be on the operator's allow-list (else 400 "
+                "`callback_not_allowed`)."
+            ),
+            "format": "uri",
+            "maxLength": webhooks.MAX_URL_LENGTH,
+        },
+    )
+
+
+def load_callback_url(raw: str) -> str:
+    """A `callbackUrl` query parameter (x402 requests have no body), checked like the field."""
+    try:
+        url: str = _callback_url_field().deserialize(raw)
+    except ValidationError as exc:
+        raise ValidationError({"callbackUrl": exc.messages}) from None
+    return url
+
+
 class AuthorizationSchema(Schema):
     """EIP-3009 `TransferWithAuthorization` fields, camelCase as signed."""
 
@@ -75,6 +115,7 @@ class CustomPaymentSchema(Schema):
 
     payment_type = fields.Constant("custom", data_key="paymentType")
     tx_hash = fields.String(data_key="txHash", required=True, validate=TX_HASH)
+    callback_url = _callback_url_field()
 
 
 class GaslessPaymentSchema(Schema):
@@ -83,6 +124,7 @@ class GaslessPaymentSchema(Schema):
     payment_type = fields.Constant("gasless", data_key="paymentType")
     authorization = fields.Nested(AuthorizationSchema, required=True)
     signature = HexBytes(required=True)
+    callback_url = _callback_url_field()
 
 
 MINT_REQUEST_SCHEMAS: dict[str, Schema] = {
@@ -104,24 +146,6 @@ def load_mint_request(payload: dict[str, Any]) -> dict[str, Any]:
     if payment_type == "gasless":
         data["authorization"] = Authorization(**data["authorization"])
     return data
-
-
-class QueueItemSchema(Schema):
-    queue_id = fields.UUID(data_key="queueId")
-    status = fields.String()
-    queue_position = fields.Integer(data_key="queuePosition", allow_none=True)
-    estimated_wait_seconds = fields.Integer(data_key="estimatedWaitSeconds", allow_none=True)
-    payer = fields.String()
-    recipient = fields.String()
-    payment_type = fields.String(data_key="paymentType")
-    payment_id = fields.String(data_key="paymentId")
-    batch_id = fields.UUID(data_key="batchId", allow_none=True)
-    mint_tx_hash = fields.String(data_key="mintTxHash", allow_none=True)
-    retry_count = fields.Integer(data_key="retryCount")
-    error = fields.String(allow_none=True)
-    created_at = fields.AwareDateTime(data_key="createdAt")
-    updated_at = fields.AwareDateTime(data_key="updatedAt")
-    completed_at = fields.AwareDateTime(data_key="completedAt", allow_none=True)
 
 
 class BatchSchema(Schema):

@@ -133,11 +133,37 @@ class MintQueueItem(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When an authorization must be settled by (EIP-3009 validBefore); NULL when already paid.
     settle_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Where to POST the webhook when the item is completed or failed (the request's callbackUrl).
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
     @classmethod
     def claim_order(cls) -> tuple[Any, ...]:
         """The order pending items are batched in: soonest deadline first, then arrival."""
         return (cls.settle_deadline.asc().nulls_last(), cls.created_at, cls.queue_id)
+
+
+WEBHOOK_EVENTS = ("completed", "failed")
+
+
+class WebhookDelivery(Base):
+    """The webhook of one item's final state: attempts so far, the last error, when delivered.
+
+    A table of its own, so that recording an attempt leaves the item's `updated_at` alone.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("event", WEBHOOK_EVENTS), name="event"),
+        CheckConstraint("attempts >= 0", name="attempts"),
+    )
+
+    queue_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    event: Mapped[str] = mapped_column(String(16), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
 
 
 class MintHistory(Base):

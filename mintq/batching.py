@@ -24,6 +24,7 @@ from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
 from db.models import BatchMint, MintHistory, MintQueueItem
+from mintq import events
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
@@ -243,6 +244,8 @@ def send_batch(minter: Minter, lock: NonceLock, ops: OperatingSettings) -> uuid.
             item.error = None
         wallet.next_nonce += 1
         tx_hash = tx.tx_hash
+        changed = events.changes(items)
+    events.announce(minter.redis, changed)
     crash_point("after_write_ahead")
     broadcast(minter, lock, tx_hash)
     crash_point("after_broadcast")
@@ -305,6 +308,8 @@ def expire_unsettleable(minter: Minter) -> int:
             item.status = "failed"
             item.error = "the payment authorization expired before its batch; nothing was charged"
             log.warning("authorization expired in the queue", extra={"queueId": str(item.queue_id)})
+        changed = events.changes(expired)
+    events.announce(minter.redis, changed)
     return len(expired)
 
 
@@ -445,7 +450,8 @@ def _finish_confirmed(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Conf
         batch = _locked_batch(session, batch_id)
         if batch is None:
             return ConfirmResult("done", batch_id)
-        for item in _batch_items(session, batch_id):
+        items = _batch_items(session, batch_id)
+        for item in items:
             context = {"queueId": str(item.queue_id), "batchId": str(batch_id)}
             first = earlier.get(item.payment_id)
             if item.payment_id in outcome.minted:
@@ -483,6 +489,8 @@ def _finish_confirmed(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Conf
             "batch confirmed",
             extra={"batchId": str(batch_id), "txHash": tx_hash, "nonce": batch.nonce},
         )
+        changed = events.changes(items)
+    events.announce(minter.redis, changed)
     return ConfirmResult("confirmed", batch_id)
 
 
@@ -543,7 +551,7 @@ def _finish_reverted(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Confi
         if locked is None:
             return ConfirmResult("done", batch_id)
         ops = load_operating_settings(session)
-        _requeue(session, batch_id, reason, ops, count_retry=True)
+        requeued = _requeue(session, batch_id, reason, ops, count_retry=True)
         locked.status = "reverted"
         locked.error = reason
         locked.tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
@@ -552,6 +560,8 @@ def _finish_reverted(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Confi
         locked.block_number = int(receipt["blockNumber"])
         locked.confirmed_at = datetime.now(UTC)
         log.warning("batch reverted: %s", reason, extra={"batchId": str(batch_id)})
+        changed = events.changes(requeued)
+    events.announce(minter.redis, changed)
     return ConfirmResult("reverted", batch_id)
 
 
@@ -562,11 +572,14 @@ def _drop_batch(minter: Minter, batch_id: uuid.UUID) -> ConfirmResult:
         if batch is None:
             return ConfirmResult("done", batch_id)
         reason = f"nonce {batch.nonce} was used by another transaction"
-        _requeue(session, batch_id, reason, load_operating_settings(session), count_retry=False)
+        ops = load_operating_settings(session)
+        requeued = _requeue(session, batch_id, reason, ops, count_retry=False)
         batch.status = "failed"
         batch.error = reason
         _settle_transactions(session, batch_id, None)
         log.warning(reason, extra={"batchId": str(batch_id), "nonce": batch.nonce})
+        changed = events.changes(requeued)
+    events.announce(minter.redis, changed)
     return ConfirmResult("dropped", batch_id)
 
 
@@ -583,10 +596,12 @@ def _requeue(
     ops: OperatingSettings,
     *,
     count_retry: bool,
-) -> None:
-    for item in _batch_items(session, batch_id):
+) -> list[MintQueueItem]:
+    items = _batch_items(session, batch_id)
+    for item in items:
         if count_retry:
             item.retry_count += 1
         item.error = reason
         item.batch_id = None
         item.status = "failed" if item.retry_count > ops.max_retries else "pending"
+    return items

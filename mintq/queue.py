@@ -1,4 +1,5 @@
-"""The mint queue as clients see it: intake, positions, per-payer and global views."""
+"""The mint queue as clients see it: intake, positions, the item view, per-payer and global
+views."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+from marshmallow import Schema, fields
 from sqlalchemy import ColumnElement, and_, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -22,11 +25,13 @@ def find_by_payment_id(session: Session, payment_id: str) -> MintQueueItem | Non
     ).one_or_none()
 
 
-def enqueue(session: Session, payment: VerifiedPayment) -> tuple[MintQueueItem, bool]:
+def enqueue(
+    session: Session, payment: VerifiedPayment, callback_url: str | None = None
+) -> tuple[MintQueueItem, bool]:
     """Queue a verified payment once. Returns the item and whether this call created it.
 
     The unique payment id decides, so concurrent submissions of one payment on several
-    API replicas still make a single row.
+    API replicas still make a single row. A repeat keeps the first request's `callback_url`.
     """
     stmt = (
         insert(MintQueueItem)
@@ -43,6 +48,7 @@ def enqueue(session: Session, payment: VerifiedPayment) -> tuple[MintQueueItem, 
                 if payment.settle_deadline is not None
                 else None
             ),
+            callback_url=callback_url,
         )
         .on_conflict_do_nothing(index_elements=[MintQueueItem.payment_id])
         .returning(MintQueueItem)
@@ -110,6 +116,42 @@ def _claimed_before(item: MintQueueItem) -> ColumnElement[bool]:
             and_(deadline == item.settle_deadline, arrived_before),
         ),
     )
+
+
+class QueueItemSchema(Schema):
+    """A queue item as clients see it: `GET /queue/item`, its live updates and webhooks."""
+
+    queue_id = fields.UUID(data_key="queueId")
+    status = fields.String()
+    queue_position = fields.Integer(data_key="queuePosition", allow_none=True)
+    estimated_wait_seconds = fields.Integer(data_key="estimatedWaitSeconds", allow_none=True)
+    payer = fields.String()
+    recipient = fields.String()
+    payment_type = fields.String(data_key="paymentType")
+    payment_id = fields.String(data_key="paymentId")
+    batch_id = fields.UUID(data_key="batchId", allow_none=True)
+    mint_tx_hash = fields.String(data_key="mintTxHash", allow_none=True)
+    retry_count = fields.Integer(data_key="retryCount")
+    error = fields.String(allow_none=True)
+    created_at = fields.AwareDateTime(data_key="createdAt")
+    updated_at = fields.AwareDateTime(data_key="updatedAt")
+    completed_at = fields.AwareDateTime(data_key="completedAt", allow_none=True)
+
+
+_item_schema = QueueItemSchema()
+
+
+def item_view(session: Session, item: MintQueueItem, ops: OperatingSettings) -> dict[str, Any]:
+    """The item as JSON-ready camelCase, with its queue position and wait estimate."""
+    position = queue_position(session, item)
+    data: dict[str, Any] = _item_schema.dump(
+        {
+            **{c: getattr(item, c) for c in _item_schema.fields if hasattr(item, c)},
+            "queue_position": position,
+            "estimated_wait_seconds": estimated_wait_seconds(position, ops),
+        }
+    )
+    return data
 
 
 def estimated_wait_seconds(position: int | None, ops: OperatingSettings) -> int | None:

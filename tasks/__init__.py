@@ -11,6 +11,7 @@ from mintq.logs import JsonFormatter
 celery_app = Celery("mintq")
 celery_app.config_from_object("celeryconfig")
 celery_app.autodiscover_tasks(["tasks"], related_name="batch")
+celery_app.autodiscover_tasks(["tasks"], related_name="webhooks")
 
 
 @after_setup_logger.connect
