@@ -15,9 +15,10 @@ from flask import Blueprint, Response, g, jsonify, request
 from marshmallow import Schema, fields, validate
 
 from app.errors import error_response
+from app.events import EventStreams
 from app.routes import _item_view, db, services
-from db.models import BATCH_STATUSES
-from mintq import admin
+from db.models import BATCH_STATUSES, MintQueueItem
+from mintq import admin, events
 from mintq.admin import BatchView, InvalidSetting
 from mintq.errors import MintqError
 
@@ -187,6 +188,7 @@ def retry_item(queue_id: str) -> Response:
         settle_margin_seconds=services().settings.settle_margin_seconds,
     )
     session.commit()
+    _announce(item)
     return jsonify(_item_view(session, item, services().operating(session)))
 
 
@@ -214,7 +216,13 @@ def cancel_item(queue_id: str) -> Response:
     g.admin_audit = {"queueId": queue_id}
     item = admin.cancel_item(session, admin.parse_queue_id(queue_id))
     session.commit()
+    _announce(item)
     return jsonify(_item_view(session, item, services().operating(session)))
+
+
+def _announce(item: MintQueueItem) -> None:
+    """Tell live streams (any replica) about an operator's change, after its commit."""
+    events.announce(EventStreams.for_app().redis, events.changes([item]))
 
 
 def _set_paused(paused: bool) -> Response:

@@ -42,7 +42,7 @@ RETRY_MILLISECONDS = 3000
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 
 
-class _Streams:
+class EventStreams:
     """This app's Redis client for subscriptions and its count of open streams."""
 
     def __init__(self, svc: Services) -> None:
@@ -52,8 +52,8 @@ class _Streams:
         self.slots = threading.BoundedSemaphore(svc.settings.event_streams_per_process)
 
     @classmethod
-    def for_app(cls) -> _Streams:
-        streams: _Streams | None = current_app.extensions.get("mintq.events")
+    def for_app(cls) -> EventStreams:
+        streams: EventStreams | None = current_app.extensions.get("mintq.events")
         if streams is None:
             streams = current_app.extensions.setdefault("mintq.events", cls(services()))
         return streams
@@ -152,7 +152,7 @@ def get_queue_item_events(queue_id: str) -> Response:
     """
     parsed = _parse_queue_id(queue_id)
     svc = services()
-    streams = _Streams.for_app()
+    streams = EventStreams.for_app()
     if not streams.slots.acquire(blocking=False):
         raise MintqError(
             "Too many live update streams on this server; poll the queue item instead.",

@@ -179,6 +179,16 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                     "description": "x402 version 1 payment payload (base64 JSON); no body needed.",
                     "schema": {"type": "string"},
                 },
+                {
+                    "in": "query",
+                    "name": "callbackUrl",
+                    "required": False,
+                    "description": (
+                        "Webhook for x402 payments, which have no body (JSON payments put "
+                        "`callbackUrl` in the body). Its host must be on the operator's allow-list."
+                    ),
+                    "schema": {"type": "string", "format": "uri"},
+                },
             ],
             "requestBody": {
                 "required": False,
@@ -207,7 +217,11 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                 "202": _json(
                     QueueItemSchema, "Queued: the new item.", headers=_X402_RESPONSE_HEADERS
                 ),
-                "400": _json(ErrorSchema, "`invalid_json` or `validation_error`."),
+                "400": _json(
+                    ErrorSchema,
+                    "`invalid_json`, `validation_error`, `invalid_payment_header` or "
+                    "`callback_not_allowed`.",
+                ),
                 "402": _json(
                     PaymentRequiredSchema,
                     "No payment, or not enough (`payment_required`, `insufficient_payment`, ...).",
@@ -225,6 +239,12 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                 "422": _json(
                     ErrorSchema,
                     "`tx_failed`, `wrong_token`, `wrong_recipient` or `ambiguous_payer`.",
+                ),
+                "429": _json(
+                    ErrorSchema,
+                    "`rate_limited`: too many payments from this client or payer; see "
+                    "`Retry-After`.",
+                    headers={"Retry-After": {"schema": {"type": "integer"}}},
                 ),
                 "503": UNAVAILABLE,
             },

@@ -20,6 +20,7 @@ import pytest
 from eth_account import Account
 from flask import Flask
 from flask.testing import FlaskClient
+from redis import Redis
 from sqlalchemy import select, text
 from test_api import assert_error
 from test_openapi import assert_matches, body_schema
@@ -27,7 +28,7 @@ from test_openapi import assert_matches, body_schema
 from app import create_app
 from conftest import MINT_AMOUNT, PRICE, Chainside, service_env
 from db.models import MintQueueItem, SystemSetting
-from mintq import admin, batching, queue
+from mintq import admin, batching, events, queue
 from mintq.batching import Minter
 from mintq.errors import MintqError
 from mintq.operating import load_operating_settings
@@ -619,3 +620,16 @@ def test_cli_works_from_the_environment_without_the_api(settings: Settings, clea
     assert refused.returncode == 1
     assert "invalid_setting" in refused.stderr and "max_in_flight" in refused.stderr
     assert json.loads(flask("settings", "--json").stdout)["max_in_flight"]["value"] == "7"
+
+
+def test_an_operators_change_reaches_live_streams(client: FlaskClient, services: Services) -> None:
+    payment = queue_item(services)
+    queue_id = str(item_of(services, payment).queue_id)
+    pubsub = Redis.from_url(services.settings.redis_url).pubsub()
+    pubsub.subscribe(events.channel(queue_id))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"  # type: ignore[index]
+    assert client.post(f"/admin/items/{queue_id}/cancel", headers=AUTH).status_code == 200
+    message = pubsub.get_message(timeout=2)
+    assert message is not None and message["type"] == "message"
+    assert json.loads(message["data"]) == {"queueId": queue_id, "status": "failed"}
+    pubsub.close()
