@@ -21,6 +21,7 @@ from db.models import BATCH_STATUSES, MintQueueItem
 from mintq import admin, events
 from mintq.admin import BatchView, InvalidSetting
 from mintq.errors import MintqError
+from mintq.queue import parse_queue_id
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def retry_item(queue_id: str) -> Response:
     g.admin_audit = {"queueId": queue_id}
     item = admin.retry_item(
         session,
-        admin.parse_queue_id(queue_id),
+        parse_queue_id(queue_id),
         settle_margin_seconds=services().settings.settle_margin_seconds,
     )
     session.commit()
@@ -214,7 +215,7 @@ def cancel_item(queue_id: str) -> Response:
     """  # noqa: E501
     session = db()
     g.admin_audit = {"queueId": queue_id}
-    item = admin.cancel_item(session, admin.parse_queue_id(queue_id))
+    item = admin.cancel_item(session, parse_queue_id(queue_id))
     session.commit()
     _announce(item)
     return jsonify(_item_view(session, item, services().operating(session)))

@@ -27,6 +27,7 @@ from db.models import BATCH_STATUSES, MintQueueItem
 from mintq import admin
 from mintq.errors import MintqError
 from mintq.operating import load_operating_settings
+from mintq.queue import parse_queue_id
 from mintq.services import Services
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _item_action(
     action: str, queue_id: str, run: Callable[[Session, uuid.UUID], MintQueueItem]
 ) -> None:
     with _transaction(action, queueId=queue_id) as session:
-        item = run(session, admin.parse_queue_id(queue_id))
+        item = run(session, parse_queue_id(queue_id))
     with _refusals_exit(), _services().sessions() as session:
         _echo_json(_item_view(session, item, load_operating_settings(session)))
 

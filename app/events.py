@@ -27,7 +27,7 @@ from redis import Redis, RedisError
 from redis.client import PubSub
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.routes import _parse_queue_id, services
+from app.routes import services
 from mintq import events, queue
 from mintq.errors import DependencyUnavailable, MintqError
 from mintq.services import Services
@@ -150,7 +150,7 @@ def get_queue_item_events(queue_id: str) -> Response:
         404: {$ref: "#/components/responses/Error"}
         503: {$ref: "#/components/responses/Unavailable"}
     """
-    parsed = _parse_queue_id(queue_id)
+    parsed = queue.parse_queue_id(queue_id)
     svc = services()
     streams = EventStreams.for_app()
     if not streams.slots.acquire(blocking=False):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -226,19 +225,10 @@ def _queue_once(
     return jsonify(_item_view(session, item, ops)), 202 if created else 200
 
 
-def _parse_queue_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise MintqError(
-            "queueId must be a UUID.", code="invalid_queue_id", details={"queueId": raw}
-        ) from None
-
-
 @bp.get("/queue/item/<queue_id>")
 def get_queue_item(queue_id: str) -> Response:
     session = db()
-    item = queue.get_item(session, _parse_queue_id(queue_id))
+    item = queue.get_item(session, queue.parse_queue_id(queue_id))
     if item is None:
         raise MintqError("No such queue item.", code="queue_item_not_found", status=404)
     return jsonify(_item_view(session, item, services().operating(session)))

@@ -39,15 +39,6 @@ class InvalidSetting(MintqError):
     code = "invalid_setting"
 
 
-def parse_queue_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise MintqError(
-            "queueId must be a UUID.", code="invalid_queue_id", details={"queueId": raw}
-        ) from None
-
-
 def _locked_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem:
     item = session.scalars(
         select(MintQueueItem)

@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import BatchMint, HotWallet, MintQueueItem
+from mintq.errors import MintqError
 from mintq.operating import OperatingSettings
 from mintq.payments import VerifiedPayment
 
@@ -70,6 +71,16 @@ def find_by_authorization(session: Session, sender: str, nonce: bytes) -> MintQu
             )
         )
     ).first()
+
+
+def parse_queue_id(raw: str) -> uuid.UUID:
+    """A queueId from a URL; 400 `invalid_queue_id` when it is not a UUID."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise MintqError(
+            "queueId must be a UUID.", code="invalid_queue_id", details={"queueId": raw}
+        ) from None
 
 
 def get_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem | None:
