@@ -115,3 +115,30 @@ def test_decode_transfers_ignores_other_events() -> None:
     assert transfer.value == 5
     assert transfer.sender == "0x" + "11" * 20
     assert transfer.to == "0x" + "22" * 20
+
+
+def test_one_transaction_paying_from_two_accounts_is_ambiguous(
+    chain: Chain, chainside: Chainside, settings: Settings
+) -> None:
+    from deploy.pay import send_and_wait
+    from mintq.eip3009 import Authorization
+
+    # One transaction that moves USDC to payTo from two payers: a batch settling two
+    # authorizations. Whose mint would its hash buy? Neither: it is refused.
+    minter = Account.from_key(settings.require_minter_key())
+    items = []
+    for payer in (chainside.new_payer(usdc=PRICE), chainside.new_payer(usdc=PRICE)):
+        body = chainside.sign_authorization(payer)
+        auth = Authorization.from_json(body["authorization"])
+        items.append((
+            payer.address, "0x" + secrets.token_hex(32), auth.sender, auth.value,
+            auth.valid_after, auth.valid_before, auth.nonce, bytes.fromhex(body["signature"][2:]),
+        ))  # fmt: skip
+    tx_hash = send_and_wait(
+        chainside.w3,
+        minter,
+        chainside.token.functions.batchSettleAndMint(chainside.deployment.usdc, PAY_TO, items),
+    )
+    error = rejected(chain, tx_hash)
+    assert (error.status, error.code) == (422, "ambiguous_payer")
+    assert len(error.details["senders"]) == 2
