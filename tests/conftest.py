@@ -26,6 +26,7 @@ from deploy.pay import pay_usdc, send_and_wait, sign_authorization
 from deploy.stack import ensure_database, migrate
 from mintq.batching import Minter
 from mintq.chain import Chain, load_artifact
+from mintq.payments import VerifiedPayment
 from mintq.services import Services
 from mintq.settings import Settings
 
@@ -277,3 +278,27 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def paid(**fields: Any) -> VerifiedPayment:
+    """A payment as verification hands it to the queue: a fresh payer, minted to itself, paid
+    in full. For tests of what comes after intake, which does not care how it was verified."""
+    payer = Account.create().address
+    values: dict[str, Any] = {
+        "payment_id": "0x" + secrets.token_hex(32),
+        "payment_type": "custom",
+        "payer": payer,
+        "recipient": payer,
+        "amount": PRICE,
+    }
+    return VerifiedPayment(**{**values, **fields})
+
+
+@pytest.fixture
+def mining_paused(chainside: Chainside) -> Iterator[None]:
+    """Transactions wait in the mempool until the test mines a block."""
+    chainside.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        chainside.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]

@@ -18,12 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from eth_account import Account
 from redis import Redis
 from sqlalchemy import create_engine, text
 
 from app.schemas import load_mint_request
-from conftest import MINT_AMOUNT, PRICE, Chainside, service_env
+from conftest import MINT_AMOUNT, PRICE, Chainside, paid, service_env
 from db.session import make_engine, make_session_factory
 from deploy.devchain import Anvil
 from deploy.stack import Supervisor, beat_command, ensure_database, migrate, worker_command
@@ -168,11 +167,7 @@ class FaultSystem:
         chain = Chain(self.settings)
         with make_session_factory(engine)() as session:
             for i in range(CUSTOM_ITEMS):
-                payer = Account.create().address
-                payment = VerifiedPayment(
-                    payment_id="0x" + os.urandom(32).hex(), payment_type="custom",
-                    payer=payer, recipient=payer, amount=PRICE, payment_tx_hash=f"0x{i:064x}",
-                )  # fmt: skip
+                payment = paid(payment_tx_hash=f"0x{i:064x}")
                 queue.enqueue(session, payment)
                 self.payments.append(payment)
             for _ in range(GASLESS_ITEMS):

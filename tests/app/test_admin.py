@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +25,7 @@ from test_api import assert_error
 from test_openapi import assert_matches, body_schema
 
 from app import create_app
-from conftest import MINT_AMOUNT, PRICE, Chainside, service_env
+from conftest import MINT_AMOUNT, PRICE, Chainside, paid, service_env
 from db.models import MintQueueItem, SystemSetting
 from mintq import admin, batching, events, queue
 from mintq.batching import Minter
@@ -62,16 +61,7 @@ def queue_item(
     payment_tx_hash: str | None = None,
     retry_count: int = 0,
 ) -> VerifiedPayment:
-    payer = Account.create().address
-    payment = VerifiedPayment(
-        payment_id="0x" + secrets.token_hex(32),
-        payment_type=payment_type,
-        payer=payer,
-        recipient=payer,
-        amount=PRICE,
-        payment_tx_hash=payment_tx_hash,
-        payload=payload,
-    )
+    payment = paid(payment_type=payment_type, payment_tx_hash=payment_tx_hash, payload=payload)
     with services.sessions() as session, session.begin():
         item, _ = queue.enqueue(session, payment)
         item.status = status
@@ -460,16 +450,6 @@ def test_patch_settings_needs_a_json_object(client: FlaskClient, data: bytes) ->
 
 
 # --- batches -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def mining_paused(chainside: Chainside) -> Iterator[None]:
-    """Transactions wait in the mempool until the test mines a block."""
-    chainside.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        chainside.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
 
 
 def test_batches_list_every_hash_at_each_nonce(

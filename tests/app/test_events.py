@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue as stdlib_queue
-import secrets
 import socket
 import threading
 import time
@@ -18,31 +17,22 @@ from typing import Any
 
 import pytest
 import requests
-from eth_account import Account
 from redis import Redis
 
 import app.events
 from app import create_app
-from conftest import PRICE, Chainside, service_env, serving
+from conftest import PRICE, Chainside, paid, service_env, serving
 from deploy.stack import Supervisor, api_command, beat_command, port_in_use, worker_command
 from mintq import batching, events, queue
 from mintq.batching import Minter
 from mintq.operating import load_operating_settings
-from mintq.payments import VerifiedPayment
 from mintq.services import Services
 from mintq.settings import Settings
 
 
 def queue_payment(services: Services) -> str:
     """A queued item (the stream does not care how it was paid); its queueId."""
-    payer = Account.create().address
-    payment = VerifiedPayment(
-        payment_id="0x" + secrets.token_hex(32),
-        payment_type="custom",
-        payer=payer,
-        recipient=payer,
-        amount=PRICE,
-    )
+    payment = paid()
     with services.sessions() as session:
         item, _ = queue.enqueue(session, payment)
         session.commit()

@@ -7,17 +7,15 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-from eth_account import Account
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from sqlalchemy import create_engine, text
 
 from app import create_app
-from conftest import PRICE
+from conftest import paid
 from mintq import batching, queue
 from mintq.batching import Minter
-from mintq.payments import VerifiedPayment
 from mintq.services import Services
 from mintq.settings import Settings
 
@@ -45,17 +43,7 @@ def value(metrics: Scrape, family: str, name: str | None = None, **labels: str) 
 def queue_payments(minter: Minter, n: int) -> None:
     with minter.sessions() as session:
         for _ in range(n):
-            payer = Account.create().address
-            queue.enqueue(
-                session,
-                VerifiedPayment(
-                    payment_id="0x" + secrets.token_hex(32),
-                    payment_type="custom",
-                    payer=payer,
-                    recipient=payer,
-                    amount=PRICE,
-                ),
-            )
+            queue.enqueue(session, paid())
         session.commit()
 
 

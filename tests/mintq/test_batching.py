@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 from decimal import Decimal
 
 import pytest
-from eth_account import Account
 from sqlalchemy import func, select, text
 
-from conftest import MINT_AMOUNT, PRICE, Chainside
+from conftest import MINT_AMOUNT, Chainside, paid
 from db.models import BatchMint, HotWallet, MintHistory, MintQueueItem
 from mintq import batching, queue
 from mintq.batching import Minter
@@ -23,14 +21,7 @@ def queue_payments(minter: Minter, n: int) -> list[VerifiedPayment]:
     payments = []
     with minter.sessions() as session:
         for _ in range(n):
-            payer = Account.create().address
-            payment = VerifiedPayment(
-                payment_id="0x" + secrets.token_hex(32),
-                payment_type="custom",
-                payer=payer,
-                recipient=payer,
-                amount=PRICE,
-            )
+            payment = paid()
             queue.enqueue(session, payment)
             payments.append(payment)
         session.commit()

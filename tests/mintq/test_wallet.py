@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select, text
@@ -15,16 +14,6 @@ from deploy.pay import send_and_wait
 from mintq import batching
 from mintq.batching import Minter
 from mintq.wallet import LostLock, NonceLock
-
-
-@pytest.fixture
-def mining_paused(chainside: Chainside) -> Iterator[None]:
-    """Transactions wait in the mempool until the test mines a block."""
-    chainside.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        chainside.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
 
 
 def mine(chainside: Chainside, blocks: int = 1) -> None:

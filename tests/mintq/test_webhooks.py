@@ -18,18 +18,16 @@ from typing import Any
 
 import pytest
 import requests
-from eth_account import Account
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from werkzeug.wrappers import Request, Response
 
 from app import create_app
-from conftest import PRICE, Chainside, service_env, serving
+from conftest import PRICE, Chainside, paid, service_env, serving
 from db.models import MintQueueItem, WebhookDelivery
 from deploy.stack import Supervisor, api_command, beat_command, port_in_use, worker_command
 from mintq import batching, events, queue, webhooks
 from mintq.batching import Minter
-from mintq.payments import VerifiedPayment
 from mintq.services import Services
 from mintq.settings import ConfigError, Settings
 
@@ -93,14 +91,7 @@ def webhook_settings(settings: Settings, **changes: Any) -> Settings:
 def final_item(
     services: Services, callback_url: str | None, status: str = "completed"
 ) -> uuid.UUID:
-    payer = Account.create().address
-    payment = VerifiedPayment(
-        payment_id="0x" + secrets.token_hex(32),
-        payment_type="custom",
-        payer=payer,
-        recipient=payer,
-        amount=PRICE,
-    )
+    payment = paid()
     with services.sessions() as session:
         item, _ = queue.enqueue(session, payment, callback_url)
         item.status = status
