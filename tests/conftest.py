@@ -229,6 +229,19 @@ class Chainside:
             "verifyingContract": self.deployment.usdc,
         }
 
+    def submit_authorization(self, body: dict[str, Any]) -> str:
+        """Someone (anyone may) submits a gasless body's authorization to USDC directly."""
+        auth = body["authorization"]
+        return send_and_wait(
+            self.w3,
+            self.new_payer(),
+            self.usdc.functions.transferWithAuthorization(
+                auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]),
+                int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]),
+                bytes.fromhex(body["signature"][2:]),
+            ),
+        )  # fmt: skip
+
     def cancel_authorization(self, payer: LocalAccount, nonce: bytes) -> None:
         """The payer cancels an unused authorization on chain (EIP-3009 cancelAuthorization)."""
         cancel = payer.sign_typed_data(

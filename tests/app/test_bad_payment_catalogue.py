@@ -14,7 +14,6 @@ from eth_account.signers.local import LocalAccount
 from flask.testing import FlaskClient
 from test_api import row_count
 from test_gasless_intake import _bad_cases as bad_gasless_cases
-from test_gasless_intake import submit_on_chain
 from x402 import x402ClientSync
 from x402.http import decode_payment_required_header, encode_payment_signature_header
 from x402.mechanisms.evm.exact import register_exact_evm_client
@@ -106,7 +105,7 @@ def bad_x402_cases(client: FlaskClient, chainside: Chainside) -> list[Case]:
 
     used = x402_header(client, payer, chainside)
     decoded = json.loads(base64.b64decode(used["headers"]["PAYMENT-SIGNATURE"]))
-    submit_on_chain(chainside, {"authorization": decoded["payload"]["authorization"],
+    chainside.submit_authorization({"authorization": decoded["payload"]["authorization"],
                                 "signature": decoded["payload"]["signature"]})  # fmt: skip
     return [
         ("x402: tampered value", x402_header(client, payer, chainside, tamper=value_up), 402,

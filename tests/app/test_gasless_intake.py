@@ -12,7 +12,6 @@ from test_api import assert_error, row_count
 
 from app import create_app
 from conftest import PRICE, Chainside
-from deploy.pay import send_and_wait
 from mintq.services import Services
 from mintq.settings import Settings
 
@@ -123,27 +122,12 @@ def test_bad_authorizations_get_their_code_and_leave_nothing(
     assert row_count(settings) == 0
 
 
-def submit_on_chain(chainside: Chainside, body: dict[str, Any]) -> str:
-    """Someone (anyone may) submits the authorization to USDC directly."""
-    auth = body["authorization"]
-    sig = bytes.fromhex(body["signature"][2:])
-    return send_and_wait(
-        chainside.w3,
-        chainside.new_payer(),
-        chainside.usdc.functions.transferWithAuthorization(
-            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]),
-            int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]),
-            sig[64], sig[:32], sig[32:64],
-        ),
-    )  # fmt: skip
-
-
 def test_an_authorization_someone_else_settled_to_us_is_queued_as_paid(
     client: FlaskClient, chainside: Chainside, settings: Settings
 ) -> None:
     payer = chainside.new_payer(usdc=PRICE)
     body = chainside.sign_authorization(payer)
-    settled_in = submit_on_chain(chainside, body)
+    settled_in = chainside.submit_authorization(body)
     assert chainside.usdc_balance(payer.address) == 0
     response = client.post("/mint", json=body)
     assert response.status_code == 202, response.get_data(as_text=True)
@@ -171,7 +155,7 @@ def test_a_paid_authorization_to_someone_else_is_refused(
 ) -> None:
     payer = chainside.new_payer(usdc=PRICE)
     elsewhere = chainside.sign_authorization(payer, to="0x" + "77" * 20)
-    submit_on_chain(chainside, elsewhere)
+    chainside.submit_authorization(elsewhere)
     # Same nonce, now presented to us with our payTo: the nonce is spent and we were not paid.
     ours = chainside.sign_authorization(
         payer, nonce=bytes.fromhex(elsewhere["authorization"]["nonce"][2:])

@@ -85,26 +85,13 @@ def test_an_authorization_expiring_in_the_queue_fails_uncharged(
     assert chainside.mint_balance(payer.address) == 0
 
 
-def submit_directly(chainside: Chainside, body: dict[str, Any]) -> str:
-    auth = body["authorization"]
-    return send_and_wait(
-        chainside.w3,
-        chainside.new_payer(),
-        chainside.usdc.functions.transferWithAuthorization(
-            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]),
-            int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]),
-            bytes.fromhex(body["signature"][2:]),
-        ),
-    )  # fmt: skip
-
-
 def test_an_authorization_someone_else_settles_while_queued_is_still_minted_once(
     minter: Minter, chainside: Chainside
 ) -> None:
     payer = chainside.new_payer(usdc=PRICE)
     body = chainside.sign_authorization(payer)
     payment = queue_gasless(minter, body)
-    settled_in = submit_directly(chainside, body)  # a third party front-runs our batch
+    settled_in = chainside.submit_authorization(body)  # a third party front-runs our batch
     assert chainside.usdc_balance(payer.address) == 0
 
     set_setting(minter, "batch_interval_seconds", "0")
