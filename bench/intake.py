@@ -4,27 +4,25 @@
                                      [--concurrency 32] [--pending 0] [--workers 4]
 
 Every request is a distinct, valid payment (pre-signed or pre-paid before the clock starts),
-posted over keep-alive connections from a separate load-generating process. `--pending N`
-first fills the queue with N pending rows, to see what a deep queue costs intake.
+posted closed-loop over `--concurrency` keep-alive connections by a lean load generator in a
+separate process (bench.loadgen); it shares the CPU with the server, so its own CPU time per
+request is printed too. `--pending N` first fills the queue with N pending rows that are all
+ahead of the new ones, to see what a deep queue costs intake.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
-import multiprocessing
 import statistics
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from bench.harness import PRICE, BenchEnv, bench_env, seed_queue
+from bench.harness import PRICE, BenchEnv, bench_env, build_positions, seed_queue
+from bench.loadgen import run_load
 from deploy.pay import pay_usdc
-from deploy.stack import Supervisor, api_command, port_in_use
+from deploy.stack import Supervisor, api_command, wait_until_serving
 
 
 def prepare_bodies(env: BenchEnv, kind: str, count: int) -> list[bytes]:
@@ -39,54 +37,6 @@ def prepare_bodies(env: BenchEnv, kind: str, count: int) -> list[bytes]:
             tx = pay_usdc(env.w3, env.deployment.usdc, payers[i % 8], env.settings.pay_to, PRICE)
             bodies.append({"paymentType": "custom", "txHash": tx})
     return [json.dumps(b).encode() for b in bodies]
-
-
-def _client(port: int, bodies: list[bytes], threads: int, out: Any) -> None:
-    """One load process: `threads` keep-alive connections, each posting its share of bodies."""
-    results: list[tuple[float, int]] = []
-    lock = threading.Lock()
-
-    def worker(chunk: list[bytes]) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = []
-        for body in chunk:
-            started = time.perf_counter()
-            conn.request("POST", "/mint", body, {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            mine.append((time.perf_counter() - started, response.status))
-        conn.close()
-        with lock:
-            results.extend(mine)
-
-    pool = [threading.Thread(target=worker, args=(bodies[i::threads],)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    out.put(results)
-
-
-def run_load(port: int, bodies: list[bytes], concurrency: int) -> tuple[float, list[float], dict]:
-    processes = 2
-    queue: Any = multiprocessing.Queue()
-    procs = [
-        multiprocessing.Process(
-            target=_client, args=(port, bodies[i::processes], concurrency // processes, queue)
-        )
-        for i in range(processes)
-    ]
-    started = time.perf_counter()
-    for p in procs:
-        p.start()
-    results = [r for _ in procs for r in queue.get()]
-    elapsed = time.perf_counter() - started
-    for p in procs:
-        p.join()
-    statuses: dict[int, int] = {}
-    for _, status in results:
-        statuses[status] = statuses.get(status, 0) + 1
-    return elapsed, sorted(latency for latency, _ in results), statuses
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -104,19 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with bench_env("intake") as env:
         if args.pending:
-            seed_queue(env.settings.database_url, args.pending)
+            seed_queue(env.settings.database_url, args.pending, ahead=True)
+        build_positions(env)  # as the batch worker's first tick does
         bodies = prepare_bodies(env, args.kind, args.requests)
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
         port = 18000 + (args.pending % 1000)
         supervisor.start("api", api_command(port, workers=args.workers), env.env())
         try:
-            deadline = time.monotonic() + 30
-            while not port_in_use(port):
-                if time.monotonic() > deadline:
-                    raise SystemExit("gunicorn did not start; see /tmp/mintq-bench-logs/api.log")
-                time.sleep(0.1)
+            wait_until_serving(port, supervisor)
             run_load(port, prepare_bodies(env, args.kind, 64), 8)  # warm-up, not measured
-            elapsed, latencies, statuses = run_load(port, bodies, args.concurrency)
+            load = run_load(port, bodies, args.concurrency)
         finally:
             supervisor.stop_all()
 
@@ -124,11 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.kind} intake, {args.requests} requests, concurrency {args.concurrency}, "
         f"{args.workers} gunicorn workers, {args.pending} pending rows before"
     )
-    print(f"  throughput   {len(latencies) / elapsed:8.0f} requests/s")
+    latencies, statuses = load.latencies, load.statuses
+    print(f"  throughput   {len(latencies) / load.elapsed:8.0f} requests/s")
     print(f"  latency p50  {percentile(latencies, 0.50) * 1000:8.1f} ms")
     print(f"  latency p99  {percentile(latencies, 0.99) * 1000:8.1f} ms")
     print(f"  mean         {statistics.mean(latencies) * 1000:8.1f} ms")
     print(f"  statuses     {dict(sorted(statuses.items()))}")
+    print(
+        f"  loadgen cpu  {load.cpu_seconds / len(latencies) * 1e6:8.1f} µs/request "
+        f"({load.processes} process{'es' if load.processes > 1 else ''}, "
+        f"{load.reconnects} reconnects, {load.resent} resent)"
+    )
     return 0 if set(statuses) <= {202} else 1
 
 
