@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,25 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def wait_until_serving(
+    port: int, supervisor: Supervisor | None = None, timeout: float = 60, host: str = "127.0.0.1"
+) -> None:
+    """Wait until the API on `port` answers `/healthz`. Gunicorn listens before its workers
+    have booted, and a boot imports web3 and the x402 SDK: seconds, on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        url = f"http://{host}:{port}/healthz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        dead = supervisor.first_exited() if supervisor else None
+        if dead:
+            raise RuntimeError(f"{dead} exited while the API was starting")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the API on port {port} did not answer /healthz in {timeout:g} s")
+        time.sleep(0.1)
 
 
 def load_env_file(path: Path) -> dict[str, str]:

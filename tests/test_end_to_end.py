@@ -20,7 +20,7 @@ from deploy.stack import (
     Supervisor,
     api_command,
     beat_command,
-    port_in_use,
+    wait_until_serving,
     worker_command,
 )
 from mintq.settings import Settings
@@ -55,11 +55,7 @@ def system(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[Runni
     supervisor.start("worker2", worker_command("worker2"), env)
     supervisor.start("beat", beat_command(tmp_path / "beat-schedule"), env)
     try:
-        deadline = time.monotonic() + 30
-        while not port_in_use(port):
-            assert time.monotonic() < deadline, "the API did not start"
-            assert supervisor.first_exited() is None, "a process died while starting"
-            time.sleep(0.1)
+        wait_until_serving(port, supervisor)
         yield RunningSystem(f"http://127.0.0.1:{port}", tmp_path / "logs", supervisor)
     finally:
         supervisor.stop_all()

@@ -20,7 +20,13 @@ import requests
 from sqlalchemy import create_engine, text
 
 from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, service_env
-from deploy.stack import Supervisor, api_command, beat_command, port_in_use, worker_command
+from deploy.stack import (
+    Supervisor,
+    api_command,
+    beat_command,
+    wait_until_serving,
+    worker_command,
+)
 from mintq.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -65,14 +71,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(port: int, supervisor: Supervisor, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not port_in_use(port):
-        assert time.monotonic() < deadline, f"nothing listens on {port}"
-        assert supervisor.first_exited() is None, f"{supervisor.first_exited()} died"
-        time.sleep(0.1)
-
-
 @dataclass
 class Cluster:
     url: str
@@ -102,8 +100,8 @@ def cluster(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[Clus
         supervisor.start("worker2", worker_command("worker2"), env)
         supervisor.start("beat", beat_command(tmp_path / "beat-schedule"), env)
         supervisor.start("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], env)
-        for p in (api1, api2, port):
-            wait_port(p, supervisor)
+        for p in (api1, api2, port):  # through nginx too
+            wait_until_serving(p, supervisor)
         yield Cluster(f"http://127.0.0.1:{port}", logs, supervisor)
     finally:
         supervisor.stop_all()

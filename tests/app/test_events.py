@@ -22,7 +22,13 @@ from redis import Redis
 import app.events
 from app import create_app
 from conftest import PRICE, Chainside, paid, service_env, serving
-from deploy.stack import Supervisor, api_command, beat_command, port_in_use, worker_command
+from deploy.stack import (
+    Supervisor,
+    api_command,
+    beat_command,
+    wait_until_serving,
+    worker_command,
+)
 from mintq import batching, events, queue
 from mintq.batching import Minter
 from mintq.operating import load_operating_settings
@@ -289,10 +295,7 @@ def test_curl_sees_each_change_through_gunicorn(
     supervisor = Supervisor(log_dir=tmp_path / "logs")
     supervisor.start("api", api_command(port), env)
     try:
-        deadline = time.monotonic() + 30
-        while not port_in_use(port):
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.1)
+        wait_until_serving(port, supervisor)
         api = f"http://127.0.0.1:{port}"
         payer = chainside.new_payer(usdc=PRICE)
         posted = requests.post(

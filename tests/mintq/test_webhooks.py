@@ -25,7 +25,13 @@ from werkzeug.wrappers import Request, Response
 from app import create_app
 from conftest import PRICE, Chainside, paid, service_env, serving
 from db.models import MintQueueItem, WebhookDelivery
-from deploy.stack import Supervisor, api_command, beat_command, port_in_use, worker_command
+from deploy.stack import (
+    Supervisor,
+    api_command,
+    beat_command,
+    wait_until_serving,
+    worker_command,
+)
 from mintq import batching, events, queue, webhooks
 from mintq.batching import Minter
 from mintq.services import Services
@@ -433,10 +439,7 @@ def test_the_worker_delivers_the_webhook_of_a_paid_mint(
     supervisor.start("worker", worker_command("worker"), env)
     supervisor.start("beat", beat_command(tmp_path / "beat-schedule"), env)
     try:
-        deadline = time.monotonic() + 30
-        while not port_in_use(port):
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.1)
+        wait_until_serving(port, supervisor)
         api = f"http://127.0.0.1:{port}"
         payer = chainside.new_payer(usdc=PRICE)
         body = {
