@@ -20,6 +20,7 @@ from db.session import make_engine, make_session_factory
 from deploy.devchain import ANVIL_KEYS, Anvil, Deployment, deploy, start_anvil
 from deploy.pay import send_and_wait, sign_authorization
 from deploy.stack import ensure_database, migrate
+from mintq import positions
 from mintq.batching import Minter
 from mintq.chain import Chain, load_artifact
 from mintq.settings import Settings
@@ -109,20 +110,35 @@ def bench_env(
         admin.dispose()
 
 
-def seed_queue(database_url: str, count: int) -> None:
-    """`count` pending items with distinct payment ids and recipients, oldest first."""
+def seed_queue(database_url: str, count: int, *, ahead: bool = False) -> None:
+    """`count` pending items with distinct payment ids and recipients, oldest first.
+
+    They are custom payments; with `ahead`, they carry a settle deadline half an hour away,
+    so that they are claimed before any payment made after them (an authorization of the
+    bench signs for an hour): each new item then has all of them ahead in the queue.
+    """
     engine = create_engine(database_url)
     with engine.begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO mint_queue (payment_id, payment_type, payer, recipient, amount_paid,"
-                " created_at)"
+                " created_at, settle_deadline)"
                 " SELECT '0x' || md5(i::text || 'p') || md5(i::text || 'q'), 'custom', a, a,"
-                " 1000000, now() - interval '1 hour' + i * interval '1 ms'"
+                " 1000000, now() - interval '1 hour' + i * interval '1 ms',"
+                " CASE WHEN :ahead THEN now() + interval '30 minutes' END"
                 " FROM (SELECT i, '0x' || substr(md5(i::text) || md5(i::text || 'r'), 1, 40) AS a"
                 " FROM generate_series(1, :n) AS i) AS numbered"
             ),
-            {"n": count},
+            {"n": count, "ahead": ahead},
         )
         conn.execute(text("ANALYZE mint_queue"))
     engine.dispose()
+
+
+def build_positions(env: BenchEnv) -> int:
+    """Index the pending items for queue positions, as the batch worker's first tick does."""
+    engine = make_engine(env.settings.database_url)
+    with make_session_factory(engine)() as session:
+        count = positions.rebuild(Redis.from_url(env.settings.redis_url), session)
+    engine.dispose()
+    return count

@@ -24,7 +24,7 @@ from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
 from db.models import BatchMint, MintHistory, MintQueueItem
-from mintq import events
+from mintq import events, positions
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
@@ -92,6 +92,8 @@ def process_queue(minter: Minter) -> TickResult:
 def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
     result = TickResult(owner=True)
     reconcile(minter, lock)
+    with minter.sessions() as session:
+        positions.reconcile(minter.redis, session)
     result.replaced = replace_stuck(minter, lock)
     while True:
         with minter.sessions() as session:

@@ -9,6 +9,7 @@ also go to the listeners registered with `on_final` (the tasks layer enqueues th
 
 A Redis hiccup costs a live update, never the transaction that already committed: streams
 also re-read their item on every heartbeat, so a lost message delays an update by one beat.
+The same pipeline keeps the queue positions (`mintq.positions`) in step with the change.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from redis import Redis, RedisError
 
 from db.models import MintQueueItem
+from mintq import positions
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class ItemChange:
 
     queue_id: uuid.UUID
     status: str
+    created_at: datetime
+    settle_deadline: datetime | None
     has_callback: bool = False
 
     @property
@@ -46,7 +51,12 @@ class ItemChange:
 
 
 def changes(items: Iterable[MintQueueItem]) -> list[ItemChange]:
-    return [ItemChange(i.queue_id, i.status, i.callback_url is not None) for i in items]
+    return [
+        ItemChange(
+            i.queue_id, i.status, i.created_at, i.settle_deadline, i.callback_url is not None
+        )
+        for i in items
+    ]
 
 
 FinalListener = Callable[[ItemChange], None]
@@ -61,7 +71,8 @@ def on_final(listener: FinalListener) -> FinalListener:
 
 
 def announce(redis: Redis, changed: Iterable[ItemChange]) -> None:
-    """Publish committed changes and hand final ones to the listeners. Never raises."""
+    """Publish committed changes, keep the queue positions in step, and hand final changes
+    to the listeners. Never raises."""
     changed = list(changed)
     if not changed:
         return
@@ -70,6 +81,7 @@ def announce(redis: Redis, changed: Iterable[ItemChange]) -> None:
         for change in changed:
             message = {"queueId": str(change.queue_id), "status": change.status}
             pipe.publish(channel(change.queue_id), json.dumps(message))
+        positions.update(pipe, ((c, c.status == "pending") for c in changed))
         pipe.execute()
     except RedisError as exc:
         log.warning("could not publish %d item changes: %s", len(changed), exc)

@@ -1,0 +1,176 @@
+"""Queue positions from the Redis sorted set agree with Postgres's claim order, and stay so."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+from redis import Redis
+from sqlalchemy import select, update
+
+from conftest import paid
+from db.models import MintQueueItem
+from mintq import events, positions, queue
+from mintq.services import Services
+
+
+@pytest.fixture
+def redis(services: Services) -> Redis:
+    return Redis.from_url(services.settings.redis_url)
+
+
+def queue_items(services: Services, deadlines: list[int | None]) -> None:
+    """Queue one item per deadline (seconds from now), all in one transaction: they share
+    `created_at`, so the queue id breaks their ties, as it does in the claim order."""
+    now = int(time.time())
+    with services.sessions() as session, session.begin():
+        for offset in deadlines:
+            deadline = None if offset is None else now + offset
+            queue.enqueue(session, paid(settle_deadline=deadline))
+
+
+def claim_order(services: Services) -> list[MintQueueItem]:
+    """The pending items in the order the batch worker claims them."""
+    with services.sessions() as session:
+        return list(
+            session.scalars(
+                select(MintQueueItem)
+                .where(MintQueueItem.status == "pending")
+                .order_by(*MintQueueItem.claim_order())
+            )
+        )
+
+
+def assert_positions_match_postgres(services: Services, redis: Redis) -> None:
+    ordered = claim_order(services)
+    with services.sessions() as session:
+        counted = [queue.queue_position(session, item) for item in ordered]
+    from_set = [positions.position(redis, item) for item in ordered]
+    assert counted == from_set == list(range(1, len(ordered) + 1))
+
+
+def test_the_set_orders_items_as_the_worker_claims_them(services: Services, redis: Redis) -> None:
+    rng = random.Random(7)
+    deadlines = [rng.choice([None, 900, 900, 1800, rng.randrange(600, 7200)]) for _ in range(40)]
+    queue_items(services, deadlines[:20])
+    queue_items(services, deadlines[20:])  # a later arrival time
+    with services.sessions() as session:
+        assert positions.rebuild(redis, session) == 40
+    assert_positions_match_postgres(services, redis)
+
+
+def test_status_changes_move_items_out_of_the_set_and_back(
+    services: Services, redis: Redis
+) -> None:
+    queue_items(services, [None, 900, 1800, None, 600, 900])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+    first, second, *_ = claim_order(services)
+
+    with services.sessions() as session, session.begin():
+        claimed = [session.get(MintQueueItem, i.queue_id) for i in (first, second)]
+        for item in claimed:
+            assert item is not None
+            item.status = "processing"
+        changed = events.changes([i for i in claimed if i is not None])
+    events.announce(redis, changed)
+    assert positions.position(redis, first) is None
+    assert_positions_match_postgres(services, redis)
+
+    with services.sessions() as session, session.begin():
+        back = session.get(MintQueueItem, first.queue_id)
+        assert back is not None
+        back.status = "pending"  # e.g. a dropped batch: requeued
+        changed = events.changes([back])
+    events.announce(redis, changed)
+    assert positions.position(redis, first) == 1
+    assert_positions_match_postgres(services, redis)
+
+
+def test_positions_come_from_postgres_until_the_set_is_built(
+    services: Services, redis: Redis
+) -> None:
+    queue_items(services, [None, 900, 1800])
+    ordered = claim_order(services)
+    # Redis restarted (it keeps nothing): no set, and intake adds only the newest item.
+    assert positions.position(redis, ordered[-1], add=True) is None
+    with services.sessions() as session:
+        assert queue.queue_position(session, ordered[-1], redis) == 3
+
+        assert positions.reconcile(redis, session)  # the worker's next tick
+    assert_positions_match_postgres(services, redis)
+
+
+def test_an_item_missing_from_the_set_is_counted_and_added(
+    services: Services, redis: Redis
+) -> None:
+    queue_items(services, [900, None, 1800])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+    ordered = claim_order(services)
+    redis.zrem(positions.KEY, positions.member(ordered[1]))  # its add was lost
+
+    with services.sessions() as session:
+        assert queue.queue_position(session, ordered[1], redis) == 2
+    assert positions.position(redis, ordered[1]) == 2
+    assert_positions_match_postgres(services, redis)
+
+
+def test_the_tick_rebuilds_a_set_holding_items_no_longer_pending(
+    services: Services, redis: Redis
+) -> None:
+    queue_items(services, [600, 900, None])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+        assert not positions.reconcile(redis, session)  # in step: nothing to do
+    first = claim_order(services)[0]
+    # Completed, but the process died before Redis heard of it.
+    with services.sessions() as session, session.begin():
+        session.execute(
+            update(MintQueueItem)
+            .where(MintQueueItem.queue_id == first.queue_id)
+            .values(status="completed")
+        )
+    with services.sessions() as session:
+        assert positions.reconcile(redis, session)
+    assert positions.position(redis, first) is None
+    assert_positions_match_postgres(services, redis)
+
+
+def test_the_tick_rebuilds_an_old_set(services: Services, redis: Redis) -> None:
+    queue_items(services, [None])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+        assert not positions.reconcile(redis, session)
+        redis.set(positions.BUILT_KEY, str(time.time() - positions.REBUILD_EVERY_SECONDS - 1))
+        assert positions.reconcile(redis, session)
+
+
+def test_without_redis_positions_are_counted_in_postgres(services: Services) -> None:
+    queue_items(services, [None, None])
+    ordered = claim_order(services)
+    away = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
+    assert positions.position(away, ordered[1], add=True) is None
+    with services.sessions() as session:
+        assert queue.queue_position(session, ordered[1], away, new=True) == 2
+
+
+def test_members_sort_by_arrival_then_queue_id() -> None:
+    """Equal scores sort by member bytes in Redis: the zero-padded arrival time, then the id."""
+    early = datetime(2026, 1, 1, tzinfo=UTC)
+    items = [
+        SimpleNamespace(queue_id=queue_id, created_at=created_at, settle_deadline=None)
+        for queue_id, created_at in [
+            ("00000000-0000-0000-0000-00000000000a", early + timedelta(microseconds=1)),
+            ("ffffffff-0000-0000-0000-000000000000", early),
+            ("0fffffff-0000-0000-0000-000000000000", early),
+        ]
+    ]
+    assert sorted(positions.member(i) for i in items) == [
+        positions.member(items[2]),
+        positions.member(items[1]),
+        positions.member(items[0]),
+    ]
