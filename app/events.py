@@ -83,7 +83,7 @@ def _read(svc: Services, queue_id: uuid.UUID) -> dict[str, Any] | None:
         item = queue.get_item(session, queue_id)
         if item is None:
             return None
-        return queue.item_view(session, item, svc.operating(session))
+        return queue.item_view(session, item, svc.operating(session), svc.redis)
 
 
 def _event(item: dict[str, Any]) -> str:

@@ -27,8 +27,6 @@ from mintq.settings import RateLimit, Settings
 
 log = logging.getLogger(__name__)
 
-# Intake must not wait long for a counter it can do without.
-REDIS_TIMEOUT_SECONDS = 0.5
 KEY_PREFIX = "mintq:ratelimit"
 
 # Count, and start the window when the key is new (it has no expiry yet), in one step.
@@ -59,13 +57,8 @@ class Limiter:
         limiter: Limiter | None = current_app.extensions.get("mintq.ratelimit")
         if limiter is None:
             svc: Services = current_app.extensions["mintq"]
-            redis = Redis.from_url(
-                svc.settings.redis_url,
-                socket_timeout=REDIS_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-            )
             limiter = current_app.extensions.setdefault(
-                "mintq.ratelimit", cls(redis, redis.register_script(_HIT))
+                "mintq.ratelimit", cls(svc.redis, svc.redis.register_script(_HIT))
             )
         return limiter
 

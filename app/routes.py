@@ -10,6 +10,7 @@ from typing import Any
 from eth_utils import is_address, to_checksum_address
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from marshmallow import ValidationError
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from app import ratelimit
@@ -20,7 +21,6 @@ from app.schemas import (
     load_callback_url,
     load_mint_request,
 )
-from db.models import MintQueueItem
 from mintq import eip3009, payments, queue, webhooks
 from mintq.eip3009 import Authorization
 from mintq.errors import MintqError, PaymentRejected
@@ -53,8 +53,10 @@ def _close_session(_exc: BaseException | None) -> None:
         session.close()
 
 
-def _item_view(session: Session, item: MintQueueItem, ops: OperatingSettings) -> dict[str, Any]:
-    return queue.item_view(session, item, ops)
+def _item_view(
+    db: Session | Connection, item: queue.QueueItem, ops: OperatingSettings, *, new: bool = False
+) -> dict[str, Any]:
+    return queue.item_view(db, item, ops, services().redis, new=new)
 
 
 def _payment_required(message: str = "This endpoint needs a payment.") -> MintqError:
@@ -211,18 +213,20 @@ def _queue_once(
     over its limit is refused before any chain call; every verified payment counts, and is
     refused over the limit unless verifying it already moved the money (`settles`).
     """
-    session = db()
-    item = queue.find_by_payment_id(session, payment_id) if payment_id else None
-    created = False
-    if item is None:
-        if payer is not None:
-            ratelimit.check_payer_before_verifying(payer)
-        payment = verify()
-        ratelimit.count_payer(payment.payer, refuse=not settles)
-        item, created = queue.enqueue(session, payment, callback_url)
-        session.commit()
-    ops = services().operating(session)
-    return jsonify(_item_view(session, item, ops)), 202 if created else 200
+    svc = services()
+    # One statement at a time, each its own transaction: the lookup, then the insert, which
+    # is durable when it returns.
+    with svc.autocommit() as connection:
+        item = queue.find_row(connection, payment_id) if payment_id else None
+        created = False
+        if item is None:
+            if payer is not None:
+                ratelimit.check_payer_before_verifying(payer)
+            payment = verify()
+            ratelimit.count_payer(payment.payer, refuse=not settles)
+            item, created = queue.enqueue_row(connection, payment, callback_url)
+        view = _item_view(connection, item, svc.operating(connection), new=created)
+    return jsonify(view), 202 if created else 200
 
 
 @bp.get("/queue/item/<queue_id>")

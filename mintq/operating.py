@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from db.models import SystemSetting
@@ -54,10 +54,10 @@ def parse_setting(key: str, raw: str) -> int | float | bool:
     return value
 
 
-def load_operating_settings(session: Session) -> OperatingSettings:
+def load_operating_settings(db: Session | Connection) -> OperatingSettings:
     """Current settings; a malformed row falls back to its default and is logged, not fatal."""
     values: dict[str, int | float | bool] = {}
-    for row in session.scalars(select(SystemSetting)):
+    for row in db.execute(select(SystemSetting.key, SystemSetting.value)):
         if row.key not in LIMITS and row.key != "paused":
             continue
         try:

@@ -10,20 +10,69 @@ from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import Schema, fields
-from sqlalchemy import ColumnElement, and_, func, or_, select, text, tuple_
+from redis import Redis
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import BatchMint, HotWallet, MintQueueItem
+from mintq import positions
 from mintq.errors import MintqError
 from mintq.operating import OperatingSettings
 from mintq.payments import VerifiedPayment
+
+_ITEMS: Table = MintQueueItem.__table__  # type: ignore[assignment]
+
+# An ORM item or a row of `mint_queue` (intake reads rows): what views and positions read.
+QueueItem = MintQueueItem | Row[Any]
 
 
 def find_by_payment_id(session: Session, payment_id: str) -> MintQueueItem | None:
     return session.scalars(
         select(MintQueueItem).where(MintQueueItem.payment_id == payment_id)
     ).one_or_none()
+
+
+# Built once: on the intake hot path, building and keying statements costs more than running
+# them.
+_FIND_ROW = select(_ITEMS).where(_ITEMS.c.payment_id == bindparam("payment_id"))
+_INSERT = insert(_ITEMS).on_conflict_do_nothing(index_elements=[_ITEMS.c.payment_id])
+_INSERT_ROW = _INSERT.returning(*_ITEMS.c)
+
+
+def find_row(connection: Connection, payment_id: str) -> Row[Any] | None:
+    """The item for a payment id as a plain row (intake: no ORM on the hot path)."""
+    return connection.execute(_FIND_ROW, {"payment_id": payment_id}).one_or_none()
+
+
+def _values(payment: VerifiedPayment, callback_url: str | None) -> dict[str, Any]:
+    return {
+        "payment_id": payment.payment_id,
+        "payment_type": payment.payment_type,
+        "payer": payment.payer,
+        "recipient": payment.recipient,
+        "amount_paid": payment.amount,
+        "payment_tx_hash": payment.payment_tx_hash,
+        "payment_payload": payment.payload,
+        "settle_deadline": (
+            datetime.fromtimestamp(payment.settle_deadline, UTC)
+            if payment.settle_deadline is not None
+            else None
+        ),
+        "callback_url": callback_url,
+    }
 
 
 def enqueue(
@@ -34,32 +83,30 @@ def enqueue(
     The unique payment id decides, so concurrent submissions of one payment on several
     API replicas still make a single row. A repeat keeps the first request's `callback_url`.
     """
-    stmt = (
+    item = session.scalars(
         insert(MintQueueItem)
-        .values(
-            payment_id=payment.payment_id,
-            payment_type=payment.payment_type,
-            payer=payment.payer,
-            recipient=payment.recipient,
-            amount_paid=payment.amount,
-            payment_tx_hash=payment.payment_tx_hash,
-            payment_payload=payment.payload,
-            settle_deadline=(
-                datetime.fromtimestamp(payment.settle_deadline, UTC)
-                if payment.settle_deadline is not None
-                else None
-            ),
-            callback_url=callback_url,
-        )
+        .values(_values(payment, callback_url))
         .on_conflict_do_nothing(index_elements=[MintQueueItem.payment_id])
         .returning(MintQueueItem)
-    )
-    item = session.scalars(stmt).one_or_none()
+    ).one_or_none()
     if item is not None:
         return item, True
     item = find_by_payment_id(session, payment.payment_id)
     assert item is not None  # the conflicting writer committed it
     return item, False
+
+
+def enqueue_row(
+    connection: Connection, payment: VerifiedPayment, callback_url: str | None = None
+) -> tuple[Row[Any], bool]:
+    """`enqueue` as one statement on an autocommit connection, returning a plain row: the
+    intake hot path, where the ORM and a separate COMMIT cost more than the insert."""
+    row = connection.execute(_INSERT_ROW, _values(payment, callback_url)).one_or_none()
+    if row is not None:
+        return row, True
+    row = find_row(connection, payment.payment_id)
+    assert row is not None  # the conflicting writer committed it
+    return row, False
 
 
 def find_by_authorization(session: Session, sender: str, nonce: bytes) -> MintQueueItem | None:
@@ -98,21 +145,33 @@ def items_for_payer(session: Session, payer: str, limit: int = 100) -> list[Mint
     )
 
 
-def queue_position(session: Session, item: MintQueueItem) -> int | None:
-    """1 for the next item to be batched; 0 while its batch is on the way; None when done."""
+def queue_position(
+    db: Session | Connection, item: QueueItem, redis: Redis | None = None, *, new: bool = False
+) -> int | None:
+    """1 for the next item to be batched; 0 while its batch is on the way; None when done.
+
+    With `redis`, from the sorted set of `mintq.positions` (O(log n); a `new` item is added
+    to it); counted in Postgres when the set cannot answer, and added to it then.
+    """
     if item.status == "processing":
         return 0
     if item.status != "pending":
         return None
-    ahead = session.scalar(
+    if redis is not None:
+        known = positions.position(redis, item, add=new)
+        if known is not None:
+            return known
+    ahead = db.scalar(
         select(func.count())
         .select_from(MintQueueItem)
         .where(MintQueueItem.status == "pending", _claimed_before(item))
     )
+    if redis is not None and not new:
+        positions.add(redis, item)
     return int(ahead or 0) + 1
 
 
-def _claimed_before(item: MintQueueItem) -> ColumnElement[bool]:
+def _claimed_before(item: QueueItem) -> ColumnElement[bool]:
     """Rows that `MintQueueItem.claim_order()` puts ahead of `item`."""
     arrived_before = tuple_(MintQueueItem.created_at, MintQueueItem.queue_id) < tuple_(
         item.created_at, item.queue_id
@@ -152,9 +211,16 @@ class QueueItemSchema(Schema):
 _item_schema = QueueItemSchema()
 
 
-def item_view(session: Session, item: MintQueueItem, ops: OperatingSettings) -> dict[str, Any]:
+def item_view(
+    db: Session | Connection,
+    item: QueueItem,
+    ops: OperatingSettings,
+    redis: Redis | None = None,
+    *,
+    new: bool = False,
+) -> dict[str, Any]:
     """The item as JSON-ready camelCase, with its queue position and wait estimate."""
-    position = queue_position(session, item)
+    position = queue_position(db, item, redis, new=new)
     data: dict[str, Any] = _item_schema.dump(
         {
             **{c: getattr(item, c) for c in _item_schema.fields if hasattr(item, c)},

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from redis import Redis
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
@@ -13,6 +17,9 @@ from mintq.chain import Chain
 from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.settings import Settings
 from mintq.x402_payments import X402Gateway
+
+# The API must not wait long for what it can do without.
+REDIS_TIMEOUT_SECONDS = 0.5
 
 
 @dataclass
@@ -22,12 +29,34 @@ class Services:
     chain: Chain
     _operating: tuple[float, OperatingSettings] | None = field(default=None, repr=False)
 
-    def operating(self, session: Session, max_age: float = 1.0) -> OperatingSettings:
+    def operating(self, db: Session | Connection, max_age: float = 1.0) -> OperatingSettings:
         """Operating settings for answers (wait estimates), re-read at most once a second."""
         now = time.monotonic()
         if self._operating is None or now - self._operating[0] > max_age:
-            self._operating = (now, load_operating_settings(session))
+            self._operating = (now, load_operating_settings(db))
         return self._operating[1]
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection where each statement commits on its own: no BEGIN, COMMIT or
+        ROLLBACK round trips, for work that is one statement at a time (intake)."""
+        with self._autocommit_engine.connect() as connection:
+            yield connection
+
+    @cached_property
+    def _autocommit_engine(self) -> Engine:
+        engine: Engine = self.sessions.kw["bind"]
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @cached_property
+    def redis(self) -> Redis:
+        """Redis for what the API can do without (rate limits, positions, live updates):
+        short timeouts, so a Redis outage costs a little latency, not requests."""
+        return Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        )
 
     @cached_property
     def x402(self) -> X402Gateway:
