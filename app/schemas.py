@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from eth_utils import is_address, to_checksum_address
 from marshmallow import Schema, ValidationError, fields, validate
 
 from mintq import webhooks
-from mintq.eip3009 import MAX_UINT256, Authorization
+from mintq.eip3009 import MAX_UINT256, Authorization, checksum_address, valid_address
 from mintq.queue import QueueItemSchema as QueueItemSchema  # the view lives with the queue
 
 TX_HASH = validate.Regexp(r"^0x[0-9a-fA-F]{64}$", error="must be a 0x-prefixed 32-byte hex hash")
@@ -31,9 +30,9 @@ class Uint256(fields.Field):
 class Address(fields.String):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not is_address(text):
+        if not valid_address(text):
             raise ValidationError("must be a 0x-prefixed 20-byte address")
-        return str(to_checksum_address(text))
+        return str(checksum_address(text))
 
 
 class HexBytes(fields.Field):

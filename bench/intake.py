@@ -1,7 +1,7 @@
 """Intake throughput and latency of `POST /mint` through the production server (gunicorn).
 
     .venv/bin/python -m bench.intake [--kind gasless|custom] [--requests 3000]
-                                     [--concurrency 32] [--pending 0] [--workers 4]
+                                     [--concurrency 32] [--pending 0] [--workers 4] [--threads 8]
 
 Every request is a distinct, valid payment (pre-signed or pre-paid before the clock starts),
 posted closed-loop over `--concurrency` keep-alive connections by a lean load generator in a
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or waiting on I/O) since boot:
+    the server, Postgres, Redis, the node and the load generator all share these cores."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.intake", description=__doc__)
     parser.add_argument("--kind", choices=("gasless", "custom"), default="gasless")
@@ -50,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pending", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=8, help="per gunicorn worker")
     args = parser.parse_args(argv)
 
     with bench_env("intake") as env:
@@ -59,17 +69,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         bodies = prepare_bodies(env, args.kind, args.requests)
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
         port = 18000 + (args.pending % 1000)
-        supervisor.start("api", api_command(port, workers=args.workers), env.env())
+        supervisor.start(
+            "api", api_command(port, workers=args.workers, threads=args.threads), env.env()
+        )
         try:
             wait_until_serving(port, supervisor)
             run_load(port, prepare_bodies(env, args.kind, 64), 8)  # warm-up, not measured
+            busy_before = machine_busy_seconds()
             load = run_load(port, bodies, args.concurrency)
+            machine_cpu = machine_busy_seconds() - busy_before
         finally:
             supervisor.stop_all()
 
     print(
         f"{args.kind} intake, {args.requests} requests, concurrency {args.concurrency}, "
-        f"{args.workers} gunicorn workers, {args.pending} pending rows before"
+        f"{args.workers} gunicorn workers x {args.threads} threads, "
+        f"{args.pending} pending rows before"
     )
     latencies, statuses = load.latencies, load.statuses
     print(f"  throughput   {len(latencies) / load.elapsed:8.0f} requests/s")
@@ -81,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  loadgen cpu  {load.cpu_seconds / len(latencies) * 1e6:8.1f} µs/request "
         f"({load.processes} process{'es' if load.processes > 1 else ''}, "
         f"{load.reconnects} reconnects, {load.resent} resent)"
+    )
+    print(
+        f"  machine cpu  {machine_cpu / len(latencies) * 1e3:8.2f} ms/request, all processes "
+        f"({machine_cpu / load.elapsed:.1f} of {os.cpu_count()} cores busy)"
     )
     return 0 if set(statuses) <= {202} else 1
 

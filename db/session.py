@@ -10,11 +10,12 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, isolation_level: str | None = None) -> Engine:
     """An engine that notices dropped connections and does not wait long for a dead server."""
     engine = create_engine(
         url,
         pool_size=pool_size,
+        **({"isolation_level": isolation_level} if isolation_level else {}),
         max_overflow=10,
         pool_timeout=5,
         connect_args={"connect_timeout": 5},

@@ -7,9 +7,23 @@ is about 20x faster than the pure-Python fallback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from coincurve import PublicKey
-from eth_utils import keccak, to_checksum_address
+from Crypto.Hash import keccak as _keccak
+from eth_utils import is_address, keccak, to_checksum_address
+
+
+def keccak256(data: bytes) -> bytes:
+    """Keccak-256 straight from pycryptodome: eth_utils' `keccak` reaches the same code through
+    three layers of argument checks, a cost intake pays several times per request."""
+    return _keccak.new(digest_bits=256, data=data).digest()
+
+
+# Intake checks and checksums the same few addresses over and over (the payment address, and
+# payers paying again); eth_utils computes each in pure Python with a Keccak per call.
+checksum_address = lru_cache(maxsize=16384)(to_checksum_address)
+valid_address = lru_cache(maxsize=16384)(is_address)
 
 DOMAIN_TYPEHASH = keccak(
     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
@@ -64,7 +78,7 @@ class Authorization:
     nonce: bytes
 
     def struct_hash(self) -> bytes:
-        return keccak(
+        return keccak256(
             TRANSFER_TYPEHASH
             + _address_word(self.sender)
             + _address_word(self.to)
@@ -75,7 +89,7 @@ class Authorization:
         )
 
     def digest(self, domain_separator: bytes) -> bytes:
-        return keccak(b"\x19\x01" + domain_separator + self.struct_hash())
+        return keccak256(b"\x19\x01" + domain_separator + self.struct_hash())
 
     def as_json(self) -> dict[str, str]:
         return {
@@ -90,8 +104,8 @@ class Authorization:
     @classmethod
     def from_json(cls, data: dict[str, str]) -> Authorization:
         return cls(
-            sender=to_checksum_address(data["from"]),
-            to=to_checksum_address(data["to"]),
+            sender=checksum_address(data["from"]),
+            to=checksum_address(data["to"]),
             value=int(data["value"]),
             valid_after=int(data["validAfter"]),
             valid_before=int(data["validBefore"]),
@@ -126,14 +140,14 @@ def recover(digest: bytes, signature: bytes) -> str:
         )
     except Exception as exc:  # coincurve raises plain Exception for unrecoverable input
         raise InvalidSignature(str(exc)) from exc
-    return to_checksum_address(keccak(public_key.format(compressed=False)[1:])[-20:])
+    return checksum_address("0x" + keccak256(public_key.format(compressed=False)[1:])[-20:].hex())
 
 
 def payment_id(chain_id: int, usdc: str, sender: str, nonce: bytes) -> str:
     """One id per authorization: (chain, USDC contract, payer, nonce), as the token dedupes it."""
     return (
         "0x"
-        + keccak(
+        + keccak256(
             chain_id.to_bytes(32, "big") + _address_word(usdc) + _address_word(sender) + nonce
         ).hex()
     )

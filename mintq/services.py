@@ -45,8 +45,15 @@ class Services:
 
     @cached_property
     def _autocommit_engine(self) -> Engine:
-        engine: Engine = self.sessions.kw["bind"]
-        return engine.execution_options(isolation_level="AUTOCOMMIT")
+        # A pool of its own: switching a shared pool's connections in and out of autocommit
+        # costs more per checkout than the statement it saves.
+        return make_engine(self.settings.database_url, isolation_level="AUTOCOMMIT")
+
+    def dispose(self) -> None:
+        """Close the pooled database connections (tests, shutdown)."""
+        self.sessions.kw["bind"].dispose()
+        if "_autocommit_engine" in self.__dict__:
+            self._autocommit_engine.dispose()
 
     @cached_property
     def redis(self) -> Redis:

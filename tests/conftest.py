@@ -142,7 +142,7 @@ def clean_db(settings: Settings) -> Iterator[None]:
 def services(settings: Settings, clean_db: None) -> Iterator[Services]:
     svc = Services.from_settings(settings)
     yield svc
-    svc.sessions.kw["bind"].dispose()
+    svc.dispose()
 
 
 @pytest.fixture
