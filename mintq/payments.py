@@ -12,7 +12,7 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Excepti
 from mintq import eip3009
 from mintq.chain import Chain, chain_errors, decode_transfers
 from mintq.eip3009 import Authorization
-from mintq.errors import PaymentRejected
+from mintq.errors import DependencyUnavailable, PaymentRejected
 from mintq.settings import Settings
 
 
@@ -46,10 +46,11 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
     """
     settings = chain.settings
     w3 = chain.w3
-    try:
-        receipt = chain.call(lambda: w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
-    except TransactionNotFound:
-        receipt = None
+    receipt, head_hex = chain.rpc(
+        [("eth_getTransactionReceipt", [tx_hash]), ("eth_blockNumber", [])]
+    )
+    if head_hex is None:
+        raise DependencyUnavailable("chain", "the node did not answer eth_blockNumber")
     if receipt is None:
         try:
             chain.call(lambda: w3.eth.get_transaction(tx_hash))  # type: ignore[arg-type]
@@ -62,17 +63,17 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
             ) from None
         raise _not_confirmed(tx_hash, 0, settings.confirmations)
 
-    if receipt["status"] != 1:
+    if int(receipt["status"], 16) != 1:
         raise PaymentRejected(
             "The payment transaction reverted.", code="tx_failed", details={"txHash": tx_hash}
         )
-    block_number = int(receipt["blockNumber"])
-    head = chain.call(lambda: w3.eth.block_number)
-    confirmations = head - block_number + 1
+    block_number = int(receipt["blockNumber"], 16)
+    confirmations = int(head_hex, 16) - block_number + 1
     if confirmations < settings.confirmations:
         raise _not_confirmed(tx_hash, confirmations, settings.confirmations)
-    block = chain.call(lambda: w3.eth.get_block(block_number))
-    if block["hash"] != receipt["blockHash"]:
+    # The receipt's block must be the canonical one at its height (not a reorged-out sibling).
+    [block] = chain.rpc([("eth_getBlockByNumber", [hex(block_number), False])])
+    if block is None or block["hash"].lower() != receipt["blockHash"].lower():
         raise _not_confirmed(tx_hash, 0, settings.confirmations)
 
     transfers = decode_transfers(list(receipt["logs"]))

@@ -117,6 +117,23 @@ def test_decode_transfers_ignores_other_events() -> None:
     assert transfer.to == "0x" + "22" * 20
 
 
+def test_decode_transfers_reads_raw_json_rpc_logs_as_web3_logs() -> None:
+    """Intake reads receipts as raw JSON-RPC (hex strings); the worker reads them via web3."""
+    topic = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+    raw = {
+        "address": "0x" + "33" * 20,
+        "topics": [topic, "0x" + "00" * 12 + "11" * 20, "0x" + "00" * 12 + "22" * 20],
+        "data": "0x" + (7).to_bytes(32).hex(),
+    }
+    as_web3 = {
+        "address": raw["address"],
+        "topics": [bytes.fromhex(t[2:]) for t in raw["topics"]],
+        "data": (7).to_bytes(32),
+    }
+    assert decode_transfers([raw]) == decode_transfers([as_web3])
+    assert decode_transfers([raw])[0].value == 7
+
+
 def test_one_transaction_paying_from_two_accounts_is_ambiguous(
     chain: Chain, chainside: Chainside, settings: Settings
 ) -> None:
