@@ -3,8 +3,10 @@ real anvil chain with the contracts deployed. Nothing here is faked."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -291,6 +293,21 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports nothing listens on. All stay bound until all are chosen: ports
+    taken one at a time may repeat, and two servers would then race for one port."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def free_port() -> int:
+    [port] = free_ports(1)
+    return port
 
 
 def paid(**fields: Any) -> VerifiedPayment:

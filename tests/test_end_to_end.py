@@ -15,7 +15,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, service_env
+from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, free_port, service_env
 from deploy.stack import (
     Supervisor,
     api_command,
@@ -34,14 +34,6 @@ class RunningSystem:
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

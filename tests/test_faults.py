@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,7 +21,7 @@ from redis import Redis
 from sqlalchemy import create_engine, text
 
 from app.schemas import load_mint_request
-from conftest import MINT_AMOUNT, PRICE, Chainside, paid, service_env
+from conftest import MINT_AMOUNT, PRICE, Chainside, free_port, paid, service_env
 from db.session import make_engine, make_session_factory
 from deploy.devchain import Anvil
 from deploy.stack import Supervisor, beat_command, ensure_database, migrate, worker_command
@@ -35,12 +34,6 @@ pytestmark = pytest.mark.slow
 
 CUSTOM_ITEMS = 280
 GASLESS_ITEMS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -7,7 +7,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, service_env
+from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, free_ports, service_env
 from deploy.stack import (
     Supervisor,
     api_command,
@@ -65,12 +64,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Cluster:
     url: str
@@ -88,7 +81,7 @@ def cluster(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[Clus
     env = service_env(settings)
     logs = tmp_path / "logs"
     supervisor = Supervisor(log_dir=logs)
-    api1, api2, port = free_port(), free_port(), free_port()
+    api1, api2, port = free_ports(3)
     nginx_dir = logs / "nginx"
     nginx_dir.mkdir(parents=True)
     conf = nginx_dir / "nginx.conf"

@@ -21,7 +21,7 @@ from redis import Redis
 
 import app.events
 from app import create_app
-from conftest import PRICE, Chainside, paid, service_env, serving
+from conftest import PRICE, Chainside, free_port, paid, service_env, serving
 from deploy.stack import (
     Supervisor,
     api_command,
@@ -279,12 +279,6 @@ def test_announcements_come_after_the_commit(
 
 
 # --- through gunicorn (gthread), the worker and beat, as `curl -N` sees it -------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_curl_sees_each_change_through_gunicorn(

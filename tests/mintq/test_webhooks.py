@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 from werkzeug.wrappers import Request, Response
 
 from app import create_app
-from conftest import PRICE, Chainside, paid, service_env, serving
+from conftest import PRICE, Chainside, free_port, paid, service_env, serving
 from db.models import MintQueueItem, WebhookDelivery
 from deploy.stack import (
     Supervisor,
@@ -415,12 +415,6 @@ def test_the_batch_hands_final_items_with_a_callback_to_the_webhook(
 
 
 # --- the real worker --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_the_worker_delivers_the_webhook_of_a_paid_mint(
