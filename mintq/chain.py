@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import requests
 from eth_utils import keccak, to_checksum_address
@@ -20,6 +17,7 @@ from web3.contract import Contract
 
 from mintq.eip3009 import Domain
 from mintq.errors import DependencyUnavailable
+from mintq.jsonrpc import JsonRpcClient
 from mintq.settings import Settings
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "contracts" / "artifacts"
@@ -83,58 +81,6 @@ def decode_transfers(logs: list[Any]) -> list[Transfer]:
     return transfers
 
 
-class _Held:
-    """A thread's connection, closed when the thread ends and its locals go."""
-
-    def __init__(self, connection: http.client.HTTPConnection) -> None:
-        self.connection = connection
-
-    def __del__(self) -> None:
-        self.connection.close()
-
-
-class _RawRpc:
-    """JSON-RPC over one keep-alive `http.client` connection per thread."""
-
-    def __init__(self, url: str, timeout: float) -> None:
-        parts = urlsplit(url)
-        self._connection_class = (
-            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        )
-        self._netloc = parts.netloc
-        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._timeout = timeout
-        self._local = threading.local()
-
-    def post(self, payload: Any) -> Any:
-        body = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"}
-        # A kept-alive connection the node has since closed fails on first use: try once more.
-        for attempt in (1, 2):
-            held: _Held | None = getattr(self._local, "held", None)
-            if held is None:
-                held = _Held(self._connection_class(self._netloc, timeout=self._timeout))
-                self._local.held = held
-            connection = held.connection
-            try:
-                connection.request("POST", self._path, body, headers)
-                response = connection.getresponse()
-                data = response.read()
-            except (OSError, http.client.HTTPException) as exc:
-                connection.close()
-                self._local.held = None
-                if attempt == 2 or isinstance(exc, TimeoutError):
-                    raise DependencyUnavailable("chain") from exc
-                continue
-            if response.status != 200:
-                raise DependencyUnavailable("chain", f"node answered HTTP {response.status}")
-            try:
-                return json.loads(data)
-            except ValueError as exc:
-                raise DependencyUnavailable("chain", "node answered with invalid JSON") from exc
-        raise AssertionError("unreachable")
-
-
 class Chain:
     """One node connection plus the two contracts mintq talks to."""
 
@@ -158,8 +104,8 @@ class Chain:
         )
 
     @cached_property
-    def _rpc(self) -> _RawRpc:
-        return _RawRpc(self.settings.rpc_url, self.settings.chain_timeout_seconds)
+    def _rpc(self) -> JsonRpcClient:
+        return JsonRpcClient(self.settings.rpc_url, self.settings.chain_timeout_seconds)
 
     def rpc(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Several JSON-RPC calls in one batch request: their raw results, in order (None for
@@ -179,7 +125,7 @@ class Chain:
         """Several read-only `eth_call`s at the latest block in one JSON-RPC batch request.
 
         For the intake hot path: web3's contract calls cost several round trips each, and
-        `requests` alone costs more CPU than the node takes to answer.
+        `requests` alone costs more CPU than the node takes to answer (see `mintq.jsonrpc`).
         """
         batch: list[dict[str, Any]] = [
             {
