@@ -20,6 +20,7 @@ the set's order is `MintQueueItem.claim_order()` exactly.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from redis import Redis, RedisError
+from redis.exceptions import NoScriptError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -65,21 +67,31 @@ def member(item: Ordered) -> str:
     return f"{micros:018d}:{item.queue_id}"
 
 
+# Add the item (when asked), then its rank if the set is built: one command per request.
+_POSITION = """
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+if not rank then return -1 end
+return rank
+"""
+_POSITION_SHA = hashlib.sha1(_POSITION.encode()).hexdigest()
+
+
 def position(redis: Redis, item: Ordered, *, add: bool = False) -> int | None:
     """1 for the next item to be batched, counted in the set; None when the set does not
     hold `item`, has not been built since Redis started, or Redis is away. With `add`, add
     `item` first (a new item at intake)."""
+    args = (member(item), repr(score(item)) if add else "")
     try:
-        pipe = redis.pipeline(transaction=False)
-        if add:
-            pipe.zadd(KEY, {member(item): score(item)})
-        pipe.exists(BUILT_KEY)
-        pipe.zrank(KEY, member(item))
-        *_, built, rank = pipe.execute()
+        try:
+            rank = redis.evalsha(_POSITION_SHA, 2, KEY, BUILT_KEY, *args)
+        except NoScriptError:  # Redis restarted (or flushed its scripts) since the last load
+            rank = redis.eval(_POSITION, 2, KEY, BUILT_KEY, *args)
     except RedisError as exc:
         log.warning("queue positions from Postgres, Redis unavailable: %s", exc)
         return None
-    return None if rank is None or not built else int(rank) + 1
+    return None if int(rank) < 0 else int(rank) + 1
 
 
 def add(redis: Redis, item: Ordered) -> None:

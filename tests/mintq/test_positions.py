@@ -119,6 +119,20 @@ def test_an_item_missing_from_the_set_is_counted_and_added(
     assert_positions_match_postgres(services, redis)
 
 
+def test_positions_survive_redis_forgetting_its_scripts(services: Services, redis: Redis) -> None:
+    queue_items(services, [None, 900])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+    ordered = claim_order(services)
+    redis.script_flush()  # as after a Redis restart that kept its data
+    assert [positions.position(redis, item) for item in ordered] == [1, 2]
+    newest = SimpleNamespace(
+        queue_id=ordered[0].queue_id, created_at=datetime.now(UTC), settle_deadline=None
+    )
+    redis.script_flush()
+    assert positions.position(redis, newest, add=True) == 3  # added behind both, no deadline
+
+
 def test_the_tick_rebuilds_a_set_holding_items_no_longer_pending(
     services: Services, redis: Redis
 ) -> None:
