@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,7 @@ from mintq.services import Services
 from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402Payment
 
 bp = Blueprint("api", __name__)
+log = logging.getLogger(__name__)
 
 _batch_schema = BatchSchema()
 
@@ -225,6 +227,16 @@ def _queue_once(
             payment = verify()
             ratelimit.count_payer(payment.payer, refuse=not settles)
             item, created = queue.enqueue_row(connection, payment, callback_url)
+            if created:
+                log.info(
+                    "queued",
+                    extra={
+                        "queueId": str(item.queue_id),
+                        "paymentId": item.payment_id,
+                        "paymentType": item.payment_type,
+                        "payer": item.payer,
+                    },
+                )
         view = _item_view(connection, item, svc.operating(connection), new=created)
     return jsonify(view), 202 if created else 200
 
