@@ -2,7 +2,8 @@
 API replica shares them.
 
 Fixed windows: a key's first request starts a window of `seconds` (its expiry), and the
-window admits `requests`. A payer counts once per verified payment; a payer already at its
+window admits `requests`. A payer counts once per verified request (sending a queued payment
+again counts too, but is never refused: it is answered with its item); a payer already at its
 limit is refused before the chain is asked anything, when the request names the payer (an
 authorization's `from`). A forged request naming someone else as payer never verifies, so it
 cannot use up their allowance.

@@ -178,14 +178,18 @@ def _x402_mint(
     """Queue an x402 payment (or, with a facilitator, settle it and queue the mint)."""
     auth = payment.authorization
     if gateway.facilitator_url:
+        # Settling moves the money: an authorization already queued is never settled again.
         existing = queue.find_by_authorization(db(), auth.sender, auth.nonce)
-        response, status = _queue_once(
-            existing.payment_id if existing else None,
-            lambda: gateway.verify_and_settle(payment),
-            payer=auth.sender,
-            callback_url=callback_url,
-            settles=True,
-        )
+        if existing is not None:
+            response, status = jsonify(_item_view(db(), existing, services().operating(db()))), 200
+        else:
+            response, status = _queue_once(
+                None,
+                lambda: gateway.verify_and_settle(payment),
+                payer=auth.sender,
+                callback_url=callback_url,
+                settles=True,
+            )
     else:
         response, status = _queue_once(
             gateway.payment_id(payment),
@@ -211,21 +215,31 @@ def _queue_once(
 ) -> tuple[Response, int]:
     """202 with a new item for a verified payment; 200 with the existing item for a repeat.
 
+    Verification comes first, and Postgres is asked whether the payment is already queued
+    only where that changes the answer: a repeat is answered with its item even when it
+    would now be refused (over a rate limit; an authorization its own batch has since
+    settled), and the insert finds it when it verifies again. A new payment costs one
+    statement.
+
     The payer's rate limit: a `payer` known before verification (an authorization's `from`)
-    over its limit is refused before any chain call; every verified payment counts, and is
+    over its limit is refused before any chain call; every verified request counts, and is
     refused over the limit unless verifying it already moved the money (`settles`).
     """
     svc = services()
-    # One statement at a time, each its own transaction: the lookup, then the insert, which
-    # is durable when it returns.
+    # One statement at a time, each its own transaction: the insert is durable when it
+    # returns.
     with svc.autocommit() as connection:
-        item = queue.find_row(connection, payment_id) if payment_id else None
-        created = False
-        if item is None:
+        try:
             if payer is not None:
                 ratelimit.check_payer_before_verifying(payer)
             payment = verify()
             ratelimit.count_payer(payment.payer, refuse=not settles)
+        except (PaymentRejected, ratelimit.RateLimited):
+            repeated = queue.find_row(connection, payment_id) if payment_id else None
+            if repeated is None:
+                raise
+            item, created = repeated, False
+        else:
             item, created = queue.enqueue_row(connection, payment, callback_url)
             if created:
                 log.info(

@@ -11,7 +11,10 @@ from sqlalchemy import create_engine, text
 from test_api import assert_error, row_count
 
 from app import create_app
-from conftest import PRICE, Chainside
+from conftest import MINT_AMOUNT, PRICE, Chainside
+from deploy.pay import send_and_wait
+from mintq import batching
+from mintq.batching import Minter
 from mintq.services import Services
 from mintq.settings import Settings
 
@@ -39,6 +42,42 @@ def test_a_valid_authorization_is_queued_and_its_replay_is_the_same_item(
     assert replay.status_code == 200
     assert replay.get_json()["queueId"] == item["queueId"]
     assert row_count(settings) == 1
+
+
+def test_a_replay_is_its_item_even_when_the_authorization_would_now_be_refused(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    first = client.post("/mint", json=body)
+    assert first.status_code == 202
+    # The payer moves the money away while the item waits: a new authorization would now be
+    # refused for want of funds, but this one is already queued (and fails uncharged later).
+    send_and_wait(chainside.w3, payer, chainside.usdc.functions.transfer("0x" + "55" * 20, PRICE))
+    assert_error(
+        client.post("/mint", json=chainside.sign_authorization(payer)), 402, "insufficient_funds"
+    )
+    replay = client.post("/mint", json=body)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    assert replay.get_json()["queueId"] == first.get_json()["queueId"]
+    assert row_count(settings) == 1
+
+
+def test_a_replay_after_its_batch_settled_it_is_the_completed_item(
+    client: FlaskClient, chainside: Chainside, minter: Minter
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    first = client.post("/mint", json=body)
+    assert first.status_code == 202
+    sent = batching.process_queue(minter).sent
+    assert [batching.confirm_batch(minter, b).state for b in sent] == ["confirmed"]
+
+    replay = client.post("/mint", json=body)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    assert replay.get_json()["queueId"] == first.get_json()["queueId"]
+    assert replay.get_json()["status"] == "completed"
+    assert chainside.mint_balance(payer.address) == MINT_AMOUNT
 
 
 def test_v_as_0_or_1_is_accepted(client: FlaskClient, chainside: Chainside) -> None:

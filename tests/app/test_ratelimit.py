@@ -129,7 +129,7 @@ def test_a_payer_over_its_limit_is_refused_after_verifying_a_transfer(
     )
     items = client.get(f"/queue/payer/{payer.address}").get_json()["items"]
     assert [i["paymentId"] for i in items] == [first.get_json()["paymentId"]]
-    # The same payment again costs nothing and answers as before.
+    # The same payment again answers as before, over the limit too.
     again = client.post(
         "/mint", json={"paymentType": "custom", "txHash": first.get_json()["paymentId"]}
     )

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -80,7 +81,10 @@ def page(browser: webdriver.Chrome) -> Iterator[webdriver.Chrome]:
 
 
 def wait_for(browser: webdriver.Chrome, condition: Callable[[], Any], timeout: float = 10) -> Any:
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda _: condition())
+    # The page re-renders what it updates: an element read mid-render is stale, so read again.
+    return WebDriverWait(
+        browser, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    ).until(lambda _: condition())
 
 
 def text_of(browser: webdriver.Chrome, selector: str) -> str:
