@@ -131,14 +131,14 @@ def post_mint() -> tuple[Response, int]:
     if data["payment_type"] == "custom":
         tx_hash = data["tx_hash"]
         return _queue_once(
-            payments.custom_payment_id(tx_hash),
+            lambda: payments.custom_payment_id(tx_hash),
             lambda: payments.verify_custom(chain, tx_hash),
             callback_url=callback_url,
         )
     authorization: Authorization = data["authorization"]
     signature: bytes = data["signature"]
     return _queue_once(
-        eip3009.payment_id(
+        lambda: eip3009.payment_id(
             chain.chain_id, chain.usdc.address, authorization.sender, authorization.nonce
         ),
         lambda: payments.verify_gasless(chain, authorization, signature),
@@ -192,7 +192,7 @@ def _x402_mint(
             )
     else:
         response, status = _queue_once(
-            gateway.payment_id(payment),
+            lambda: gateway.payment_id(payment),
             lambda: gateway.verify(payment),
             payer=auth.sender,
             callback_url=callback_url,
@@ -206,14 +206,15 @@ def _x402_mint(
 
 
 def _queue_once(
-    payment_id: str | None,
+    payment_id: Callable[[], str] | None,
     verify: Callable[[], payments.VerifiedPayment],
     *,
     payer: str | None = None,
     callback_url: str | None = None,
     settles: bool = False,
 ) -> tuple[Response, int]:
-    """202 with a new item for a verified payment; 200 with the existing item for a repeat.
+    """202 with a new item for a verified payment; 200 with the existing item for a repeat
+(`payment_id` computes the id a repeat would have been queued under).
 
     Verification comes first, and Postgres is asked whether the payment is already queued
     only where that changes the answer: a repeat is answered with its item even when it
@@ -235,7 +236,7 @@ def _queue_once(
             payment = verify()
             ratelimit.count_payer(payment.payer, refuse=not settles)
         except (PaymentRejected, ratelimit.RateLimited):
-            repeated = queue.find_row(connection, payment_id) if payment_id else None
+            repeated = queue.find_row(connection, payment_id()) if payment_id else None
             if repeated is None:
                 raise
             item, created = repeated, False

@@ -272,13 +272,10 @@ def item_view(
 ) -> dict[str, Any]:
     """The item as JSON-ready camelCase, with its queue position and wait estimate."""
     position = queue_position(db, item, redis, new=new)
-    data: dict[str, Any] = _item_schema.dump(
-        {
-            **{c: getattr(item, c) for c in _item_schema.fields if hasattr(item, c)},
-            "queue_position": position,
-            "estimated_wait_seconds": estimated_wait_seconds(position, ops),
-        }
-    )
+    # The item's own fields straight from it; the two it has no attribute for, then.
+    data: dict[str, Any] = _item_schema.dump(item)
+    data["queuePosition"] = position
+    data["estimatedWaitSeconds"] = estimated_wait_seconds(position, ops)
     return data
 
 
