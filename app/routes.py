@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +29,6 @@ from mintq.services import Services
 from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402Payment
 
 bp = Blueprint("api", __name__)
-log = logging.getLogger(__name__)
 
 _batch_schema = BatchSchema()
 
@@ -214,17 +212,17 @@ def _queue_once(
     settles: bool = False,
 ) -> tuple[Response, int]:
     """202 with a new item for a verified payment; 200 with the existing item for a repeat
-(`payment_id` computes the id a repeat would have been queued under).
+    (`payment_id` computes the id a repeat would have been queued under).
 
-    Verification comes first, and Postgres is asked whether the payment is already queued
-    only where that changes the answer: a repeat is answered with its item even when it
-    would now be refused (over a rate limit; an authorization its own batch has since
-    settled), and the insert finds it when it verifies again. A new payment costs one
-    statement.
+        Verification comes first, and Postgres is asked whether the payment is already queued
+        only where that changes the answer: a repeat is answered with its item even when it
+        would now be refused (over a rate limit; an authorization its own batch has since
+        settled), and the insert finds it when it verifies again. A new payment costs one
+        statement.
 
-    The payer's rate limit: a `payer` known before verification (an authorization's `from`)
-    over its limit is refused before any chain call; every verified request counts, and is
-    refused over the limit unless verifying it already moved the money (`settles`).
+        The payer's rate limit: a `payer` known before verification (an authorization's `from`)
+        over its limit is refused before any chain call; every verified request counts, and is
+        refused over the limit unless verifying it already moved the money (`settles`).
     """
     svc = services()
     # One statement at a time, each its own transaction: the insert is durable when it
@@ -242,16 +240,6 @@ def _queue_once(
             item, created = repeated, False
         else:
             item, created = queue.enqueue_row(connection, payment, callback_url)
-            if created:
-                log.info(
-                    "queued",
-                    extra={
-                        "queueId": str(item.queue_id),
-                        "paymentId": item.payment_id,
-                        "paymentType": item.payment_type,
-                        "payer": item.payer,
-                    },
-                )
         view = _item_view(connection, item, svc.operating(connection), new=created)
     return jsonify(view), 202 if created else 200
 

@@ -3,7 +3,6 @@ PostgreSQL, Redis and anvil. Also graceful shutdown, and the minter key never le
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -153,14 +152,6 @@ def test_three_hundred_payments_through_nginx_and_two_replicas_mint_exactly_once
     # Both replicas served: nginx logs which upstream answered each request.
     upstreams = set(re.findall(r"upstream=(\S+)", (cluster.logs / "nginx/access.log").read_text()))
     assert len(upstreams) >= 2, upstreams
-    # And each replica logged the items it queued, one JSON line each, repeats not again.
-    queued = [
-        entry["queueId"]
-        for replica in ("api1", "api2")
-        for line in (cluster.logs / f"{replica}.log").read_text().splitlines()
-        if line.startswith("{") and (entry := json.loads(line))["message"] == "queued"
-    ]
-    assert sorted(queued) == sorted(queue_ids)
     # Two workers competed for every tick, and the nonce never collided.
     logs = cluster.all_logs().lower()
     assert "nonce too low" not in logs and "replacement transaction underpriced" not in logs
