@@ -19,4 +19,4 @@ COPY celeryconfig.py ./
 RUN pip install --no-cache-dir .
 
 ENTRYPOINT ["deploy/entrypoint.sh"]
-CMD ["python", "-m", "gunicorn", "app.wsgi:app", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--threads", "8"]
+CMD ["python", "-m", "gunicorn", "app.wsgi:app", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--threads", "8", "--worker-tmp-dir", "/dev/shm"]
