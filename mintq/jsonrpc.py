@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import ssl
 import threading
+import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -73,7 +75,9 @@ class _Connection:
                 self.reusable = False
         if status_line[0] == "HTTP/1.0" and length is None and not chunked:
             self.reusable = False
-        if chunked:
+        if status in (204, 304) or 100 <= status < 200:
+            body = b""  # no body, whatever the headers say
+        elif chunked:
             body = self._read_chunked()
         elif length is not None:
             body = self._read_exactly(length)
@@ -160,6 +164,9 @@ class JsonRpcClient:
             "Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: "
         ).encode()
         self._local = threading.local()
+        # A forked child (a Celery or gunicorn worker) must not share its parent's sockets.
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_connections(this()))
 
     def post(self, payload: Any) -> Any:
         body = json.dumps(payload, separators=(",", ":")).encode()
@@ -191,3 +198,8 @@ class JsonRpcClient:
             except ValueError as exc:
                 raise DependencyUnavailable("chain", "node answered with invalid JSON") from exc
         raise AssertionError("unreachable")
+
+
+def _forget_connections(client: JsonRpcClient | None) -> None:
+    if client is not None:
+        client._local = threading.local()

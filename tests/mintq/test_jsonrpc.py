@@ -4,6 +4,7 @@ the answers anvil never gives (chunked bodies, closed connections, errors, silen
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -47,35 +48,47 @@ def scripted_server(*scripts: Script) -> Iterator[tuple[str, list[int]]]:
     connections_seen: list[int] = []
     pending = list(scripts)
 
+    lock = threading.Lock()
+
+    def serve_connection(conn: socket.socket, number: int) -> None:
+        with conn:
+            while True:
+                request = _read_request(conn)
+                with lock:
+                    if not request or not pending:
+                        return
+                    connections_seen.append(number)
+                    script = pending.pop(0)
+                answer, close = script(request)
+                if answer is None:
+                    threading.Event().wait(2)  # silence, longer than the client waits
+                    return
+                conn.sendall(answer)
+                if close:
+                    return
+
+    stopped = threading.Event()
+    listener.settimeout(0.05)
+
     def serve() -> None:
         number = 0
-        while pending:
+        while not stopped.is_set():
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
             number += 1
-            with conn:
-                while pending:
-                    request = _read_request(conn)
-                    if not request:
-                        break
-                    connections_seen.append(number)
-                    answer, close = pending.pop(0)(request)
-                    if answer is None:
-                        threading.Event().wait(2)  # silence, longer than the client waits
-                        break
-                    conn.sendall(answer)
-                    if close:
-                        break
+            threading.Thread(target=serve_connection, args=(conn, number), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{port}/rpc?key=k", connections_seen
     finally:
-        listener.close()
+        stopped.set()
         thread.join(timeout=5)
+        listener.close()
 
 
 def _echo_id(request: bytes) -> bytes:
@@ -145,6 +158,22 @@ def test_sends_path_query_host_and_basic_auth() -> None:
     assert head[0] == "POST /rpc?key=k HTTP/1.1"
     assert f"Host: {url.split('/')[2]}" in head
     assert "Authorization: Basic dXNlcjpwQHNz" in head  # user:p@ss
+
+
+def test_a_forked_child_opens_its_own_connection() -> None:
+    with scripted_server(answer(), answer(), answer()) as (url, connections):
+        client = JsonRpcClient(url, timeout=2)
+        client.post(CALL)
+        child = os.fork()
+        if child == 0:  # the child: one call on whatever connection it has, then exit
+            try:
+                client.post(CALL)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        client.post(CALL)
+    # Sharing the parent's socket, the child's call would have come on connection 1.
+    assert connections == [1, 2, 1]
 
 
 def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
