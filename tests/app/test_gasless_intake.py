@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import pytest
+from eth_account.signers.local import LocalAccount
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from test_api import assert_error, row_count
@@ -24,59 +25,62 @@ def client(services: Services) -> FlaskClient:
     return create_app(services=services).test_client()
 
 
-def test_a_valid_authorization_is_queued_and_its_replay_is_the_same_item(
-    client: FlaskClient, chainside: Chainside, settings: Settings
-) -> None:
+def queue_authorization(
+    client: FlaskClient, chainside: Chainside
+) -> tuple[LocalAccount, dict[str, Any], dict[str, Any]]:
+    """A new payer's authorization, queued: (payer, the body posted, the item answered)."""
     payer = chainside.new_payer(usdc=PRICE)
     body = chainside.sign_authorization(payer)
     first = client.post("/mint", json=body)
     assert first.status_code == 202, first.get_data(as_text=True)
-    item = first.get_json()
+    return payer, body, first.get_json()
+
+
+def replayed(client: FlaskClient, body: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """The same body again: 200 with the same item, as it is now."""
+    replay = client.post("/mint", json=body)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    assert replay.get_json()["queueId"] == item["queueId"]
+    answer: dict[str, Any] = replay.get_json()
+    return answer
+
+
+def test_a_valid_authorization_is_queued_and_its_replay_is_the_same_item(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    payer, body, item = queue_authorization(client, chainside)
     assert item["paymentType"] == "gasless"
     assert item["payer"] == item["recipient"] == payer.address
     assert item["status"] == "pending"
     # Nothing moved yet: the nonce owner settles it together with the mint.
     assert chainside.usdc_balance(payer.address) == PRICE
 
-    replay = client.post("/mint", json=body)
-    assert replay.status_code == 200
-    assert replay.get_json()["queueId"] == item["queueId"]
+    replayed(client, body, item)
     assert row_count(settings) == 1
 
 
 def test_a_replay_is_its_item_even_when_the_authorization_would_now_be_refused(
     client: FlaskClient, chainside: Chainside, settings: Settings
 ) -> None:
-    payer = chainside.new_payer(usdc=PRICE)
-    body = chainside.sign_authorization(payer)
-    first = client.post("/mint", json=body)
-    assert first.status_code == 202
+    payer, body, item = queue_authorization(client, chainside)
     # The payer moves the money away while the item waits: a new authorization would now be
     # refused for want of funds, but this one is already queued (and fails uncharged later).
     send_and_wait(chainside.w3, payer, chainside.usdc.functions.transfer("0x" + "55" * 20, PRICE))
     assert_error(
         client.post("/mint", json=chainside.sign_authorization(payer)), 402, "insufficient_funds"
     )
-    replay = client.post("/mint", json=body)
-    assert replay.status_code == 200, replay.get_data(as_text=True)
-    assert replay.get_json()["queueId"] == first.get_json()["queueId"]
+    replayed(client, body, item)
     assert row_count(settings) == 1
 
 
 def test_a_replay_after_its_batch_settled_it_is_the_completed_item(
     client: FlaskClient, chainside: Chainside, minter: Minter
 ) -> None:
-    payer = chainside.new_payer(usdc=PRICE)
-    body = chainside.sign_authorization(payer)
-    first = client.post("/mint", json=body)
-    assert first.status_code == 202
+    payer, body, item = queue_authorization(client, chainside)
     sent = batching.process_queue(minter).sent
     assert [batching.confirm_batch(minter, b).state for b in sent] == ["confirmed"]
 
-    replay = client.post("/mint", json=body)
-    assert replay.status_code == 200, replay.get_data(as_text=True)
-    assert replay.get_json()["queueId"] == first.get_json()["queueId"]
-    assert replay.get_json()["status"] == "completed"
+    assert replayed(client, body, item)["status"] == "completed"
     assert chainside.mint_balance(payer.address) == MINT_AMOUNT
 
 
