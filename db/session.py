@@ -10,8 +10,15 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, *, pool_size: int = 5, isolation_level: str | None = None) -> Engine:
-    """An engine that notices dropped connections and does not wait long for a dead server."""
+def make_engine(url: str, *, pool_size: int = 10, isolation_level: str | None = None) -> Engine:
+    """An engine that notices dropped connections and does not wait long for a dead server.
+
+    The pool keeps up to `pool_size` connections open once they were needed, and opens up to
+    `max_overflow` more for a burst, closing each again when it is returned. It must hold as
+    many as an API process has threads (8): with fewer, intake under load opened and closed a
+    connection (a new server backend) for about one request in a hundred, a few milliseconds
+    of CPU and latency each. A process that needs fewer never opens more.
+    """
     engine = create_engine(
         url,
         pool_size=pool_size,
