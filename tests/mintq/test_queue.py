@@ -43,3 +43,30 @@ def test_a_connection_lost_mid_intake_is_a_503_and_is_replaced(services: Service
             assert queue.find_row(conn, "0x" + "cd" * 32) is None
     finally:
         admin.dispose()
+
+
+def test_intake_statements_are_prepared_again_when_the_connection_lost_them(
+    services: Services,
+) -> None:
+    first, second = paid(), paid()
+    with services.autocommit() as conn:
+        row, _ = queue.enqueue_row(conn, first)
+        prepared = conn.scalars(text("SELECT name FROM pg_prepared_statements")).all()
+        assert sorted(prepared) == ["mintq_enqueue_row", "mintq_find_row"]
+        conn.execute(text("DISCARD ALL"))  # what a pooler or a reset does
+        assert queue.find_row(conn, first.payment_id) == row
+        assert queue.enqueue_row(conn, second)[1] is True
+
+
+def test_intake_statements_follow_a_migration_that_changes_a_returned_column(
+    services: Services,
+) -> None:
+    payment = paid()
+    with services.autocommit() as conn:
+        queue.enqueue_row(conn, payment)  # prepared against `error text`
+        try:
+            conn.execute(text("ALTER TABLE mint_queue ALTER COLUMN error TYPE varchar(4000)"))
+            row = queue.find_row(conn, payment.payment_id)
+        finally:
+            conn.execute(text("ALTER TABLE mint_queue ALTER COLUMN error TYPE text"))
+    assert row is not None and row.payment_id == payment.payment_id
