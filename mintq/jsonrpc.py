@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mintq.errors import DependencyUnavailable
+from mintq.sockets import time_out_in_the_kernel
 
 _RECV_SIZE = 65536
 # A node's answer has no business being larger (a batch of receipts and blocks is far less).
@@ -38,6 +39,7 @@ class _Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls:
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            time_out_in_the_kernel(sock, timeout)
         except BaseException:
             sock.close()
             raise
@@ -55,7 +57,10 @@ class _Connection:
 
     def exchange(self, request: bytes) -> tuple[int, bytes]:
         """Send `request` and read one whole response: (status, body)."""
-        self.sock.sendall(request)
+        try:
+            self.sock.sendall(request)
+        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO expired
+            raise TimeoutError("the node did not take the request in time") from None
         head = self._read_until(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status_line = lines[0].split(" ", 2)
@@ -86,8 +91,14 @@ class _Connection:
             body = self._read_to_close()
         return status, body
 
+    def _recv(self) -> bytes:
+        try:
+            return self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+            raise TimeoutError("the node did not answer in time") from None
+
     def _fill(self) -> None:
-        data = self.sock.recv(_RECV_SIZE)
+        data = self._recv()
         if not data:
             raise ProtocolError("the server closed the connection mid-response")
         self.buffer += data
@@ -129,7 +140,7 @@ class _Connection:
 
     def _read_to_close(self) -> bytes:
         while True:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self._recv()
             if not data:
                 body = bytes(self.buffer)
                 self.buffer.clear()

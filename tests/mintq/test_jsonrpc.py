@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -200,6 +201,21 @@ def test_a_node_that_cannot_answer_is_unavailable(script: Script) -> None:
         with pytest.raises(DependencyUnavailable) as refused:
             client.post(CALL)
     assert refused.value.code == "chain_unavailable"
+
+
+def test_a_silent_node_times_out_once_on_a_kept_alive_connection() -> None:
+    """The kernel times out a silent read (SO_RCVTIMEO), and a timeout is not retried."""
+    with scripted_server(answer(), silent, answer()) as (url, connections):
+        client = JsonRpcClient(url, timeout=0.3)
+        client.post(CALL)
+        started = time.monotonic()
+        with pytest.raises(DependencyUnavailable) as refused:
+            client.post(CALL)
+        waited = time.monotonic() - started
+        assert client.post(CALL) == {"jsonrpc": "2.0", "id": 7, "result": "0x1"}
+    assert isinstance(refused.value.__cause__, TimeoutError)
+    assert 0.25 < waited < 0.6
+    assert connections == [1, 1, 2]  # the silent connection was given up, not asked again
 
 
 def test_no_node_listening_is_unavailable() -> None:

@@ -166,7 +166,9 @@ def test_the_tick_rebuilds_an_old_set(services: Services, redis: Redis) -> None:
 def test_without_redis_positions_are_counted_in_postgres(services: Services) -> None:
     queue_items(services, [None, None])
     ordered = claim_order(services)
-    away = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
+    # As the API builds its client (from a URL): redis-py then does not retry a refused
+    # connection, ten times with backoff, as a client built from a host does.
+    away = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2, socket_timeout=0.2)
     assert positions.position(away, ordered[1], add=True) is None
     with services.sessions() as session:
         assert queue.queue_position(session, ordered[1], away, new=True) == 2
