@@ -26,6 +26,13 @@ task_time_limit = 180
 worker_send_task_events = True
 task_send_sent_event = True
 
+# Webhooks go to a queue of their own, served by their own worker (`webhook_worker_command`,
+# the compose `webhooks` service): a receiver that hangs holds a process for the delivery
+# timeout on every attempt, and on the batch worker that would hold up batches and
+# confirmations. The batch worker consumes only the default queue.
+task_default_queue = "celery"
+task_routes = {"mintq.deliver_webhook": {"queue": "webhooks"}}
+
 _tick = float(os.environ.get("BEAT_TICK_SECONDS", "1") or 1)
 
 # Beat only ticks; the batch task itself decides, from system_settings on every tick, whether

@@ -243,13 +243,20 @@ def api_command(
     ]  # fmt: skip
 
 
-def worker_command(name: str = "worker", concurrency: int = 2) -> list[str]:
+def worker_command(name: str = "worker", concurrency: int = 2, queue: str = "celery") -> list[str]:
+    """A Celery worker: by default the batch worker (batches, confirmations)."""
     return [
         PYTHON, "-m", "celery", "-A", "tasks", "worker",
         "--loglevel", "INFO",
         "--concurrency", str(concurrency),
+        "--queues", queue,
         "--hostname", f"{name}@%h",
     ]  # fmt: skip
+
+
+def webhook_worker_command(name: str = "webhooks", concurrency: int = 2) -> list[str]:
+    """The worker that delivers webhooks, apart from the batch worker (see celeryconfig)."""
+    return worker_command(name, concurrency, queue="webhooks")
 
 
 def beat_command(schedule_file: Path) -> list[str]:
@@ -399,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         supervisor.start("api", api_command(args.api_port, access_log=True), env)
         supervisor.start("worker", worker_command(), env)
+        supervisor.start("webhooks", webhook_worker_command(), env)
         supervisor.start("beat", beat_command(STATE_DIR / "celerybeat-schedule"), env)
         supervisor.start("flower", flower_command(args.flower_port, flower_auth), env)
         if generated:

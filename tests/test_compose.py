@@ -22,8 +22,8 @@ def test_compose_file_is_valid() -> None:
 
 def test_compose_runs_the_whole_system() -> None:
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    expected = {"postgres", "redis", "anvil", "setup", "api1", "api2", "nginx", "worker", "beat",
-                "flower"}  # fmt: skip
+    expected = {"postgres", "redis", "anvil", "setup", "api1", "api2", "nginx", "worker",
+                "webhooks", "beat", "flower"}  # fmt: skip
     assert expected <= set(services)
     assert "healthcheck" in services["api1"] and "healthcheck" in services["nginx"]
     upstreams = (ROOT / "deploy" / "nginx.conf").read_text()

@@ -30,6 +30,7 @@ from deploy.stack import (
     api_command,
     beat_command,
     wait_until_serving,
+    webhook_worker_command,
     worker_command,
 )
 from mintq import batching, events, queue, webhooks
@@ -417,9 +418,12 @@ def test_the_batch_hands_final_items_with_a_callback_to_the_webhook(
 # --- the real worker --------------------------------------------------------------------------
 
 
-def test_the_worker_delivers_the_webhook_of_a_paid_mint(
+def test_the_webhook_worker_delivers_the_webhook_of_a_paid_mint(
     settings: Settings, clean_db: None, chainside: Chainside, receiver: Receiver, tmp_path: Path
 ) -> None:
+    """Webhooks have a worker of their own: the batch worker mints and confirms the item but
+    never delivers its webhook (a receiver that hangs must not hold up batches); the webhook
+    worker, once started, does."""
     env = {
         **service_env(settings),
         "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
@@ -444,6 +448,13 @@ def test_the_worker_delivers_the_webhook_of_a_paid_mint(
         posted = requests.post(f"{api}/mint", json=body, timeout=10)
         assert posted.status_code == 202, posted.text
         queue_id = posted.json()["queueId"]
+        item_url = f"{api}/queue/item/{queue_id}"
+        deadline = time.monotonic() + 60
+        while requests.get(item_url, timeout=5).json()["status"] != "completed":
+            assert time.monotonic() < deadline, "the item was not minted"
+            time.sleep(0.2)
+        assert not receiver.arrived.wait(3), "the batch worker delivered a webhook"
+        supervisor.start("webhooks", webhook_worker_command(), env)
         assert receiver.arrived.wait(60), "no webhook arrived"
         [hook] = receiver.received
         assert hook["signed"] and hook["event"] == "completed"
