@@ -91,9 +91,10 @@ _PREPARED = {
         f" ON CONFLICT (payment_id) DO NOTHING RETURNING {_ROW_COLUMNS}"
     ),
 }
+# How each is run: one psycopg2 placeholder per `$n` parameter of the statement.
 _EXECUTE = {
-    "mintq_find_row": "EXECUTE mintq_find_row (%s)",
-    "mintq_enqueue_row": f"EXECUTE mintq_enqueue_row ({', '.join(['%s'] * len(_INSERT_COLUMNS))})",
+    name: f"EXECUTE {name} ({', '.join(['%s'] * sql.count('$'))})"
+    for name, sql in _PREPARED.items()
 }
 # Where a connection records that its statements are prepared (SQLAlchemy keeps `info` with
 # the DBAPI connection for as long as the pool does).
