@@ -7,13 +7,27 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[bootstrap] %s\033[0m\n' "$*" >&2; exit 1; }
 
-command -v python3 >/dev/null || die "python3 is missing: apt-get install python3 python3-venv"
 command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are missing: apt-get install nodejs npm"
 
 # Python: a venv with the project and its dev tools, reinstalled when pyproject.toml changes.
+# Its interpreter is the distribution's Python 3.11+ where there is one (or MINTQ_PYTHON):
+# Debian builds it with profile-guided optimisation and links the interpreter statically,
+# and it runs mintq's request path about 10-25% faster than an unoptimised build with a
+# shared libpython (what pyenv builds by default, and what `python3` may find first on PATH).
+python_ok() { "$1" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+PYTHON=""
+for candidate in ${MINTQ_PYTHON:-} /usr/bin/python3 python3; do
+  if python_ok "$candidate"; then PYTHON=$(command -v "$candidate"); break; fi
+done
+[ -n "$PYTHON" ] || die "Python 3.11 or newer with venv is missing: apt-get install python3 python3-venv"
+# A venv made from another interpreter (an older checkout's) is made again.
+if [ -x .venv/bin/python ] && ! grep -qx "executable = $(readlink -f "$PYTHON")" .venv/pyvenv.cfg; then
+  say "recreating .venv with $PYTHON"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-  say "creating .venv"
-  python3 -m venv .venv
+  say "creating .venv ($PYTHON)"
+  "$PYTHON" -m venv .venv
 fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   say "installing Python dependencies"
