@@ -1,6 +1,6 @@
 """Intake throughput and latency of `POST /mint` through the production server (gunicorn).
 
-    .venv/bin/python -m bench.intake [--kind gasless|custom] [--requests 3000]
+    .venv/bin/python -m bench.intake [--kind gasless|custom] [--requests 3000] [--passes 1]
                                      [--concurrency 32] [--pending 0] [--workers 4] [--threads 8]
 
 Every request is a distinct, valid payment (pre-signed or pre-paid before the clock starts),
@@ -8,6 +8,10 @@ posted closed-loop over `--concurrency` keep-alive connections by a lean load ge
 separate process (bench.loadgen); it shares the CPU with the server, so its own CPU time per
 request is printed too. `--pending N` first fills the queue with N pending rows that are all
 ahead of the new ones, to see what a deep queue costs intake.
+
+`--passes N` measures N runs of `--requests` each against the same server, one after the
+other, and prints each and their median: this machine's speed drifts from minute to minute,
+and one run says little. Each pass adds its requests to the queue the next one sees.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import math
 import os
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import PRICE, BenchEnv, bench_env, build_positions, seed_queue
-from bench.loadgen import run_load
+from bench.loadgen import LoadResult, run_load
 from deploy.pay import pay_usdc
 from deploy.stack import Supervisor, api_command, wait_until_serving
 
@@ -55,18 +60,26 @@ def machine_busy_seconds() -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.intake", description=__doc__)
     parser.add_argument("--kind", choices=("gasless", "custom"), default="gasless")
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=3000, help="per pass")
+    parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pending", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=8, help="per gunicorn worker")
     args = parser.parse_args(argv)
 
+    print(
+        f"{args.kind} intake, {args.passes} x {args.requests} requests, concurrency "
+        f"{args.concurrency}, {args.workers} gunicorn workers x {args.threads} threads, "
+        f"{args.pending} pending rows before",
+        flush=True,
+    )
+    passes: list[Pass] = []
     with bench_env("intake") as env:
         if args.pending:
             seed_queue(env.settings.database_url, args.pending, ahead=True)
         build_positions(env)  # as the batch worker's first tick does
-        bodies = prepare_bodies(env, args.kind, args.requests)
+        bodies = prepare_bodies(env, args.kind, args.requests * args.passes)
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
         port = 18000 + (args.pending % 1000)
         supervisor.start(
@@ -75,33 +88,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             wait_until_serving(port, supervisor)
             run_load(port, prepare_bodies(env, args.kind, 64), 8)  # warm-up, not measured
-            busy_before = machine_busy_seconds()
-            load = run_load(port, bodies, args.concurrency)
-            machine_cpu = machine_busy_seconds() - busy_before
+            for i in range(args.passes):
+                busy_before = machine_busy_seconds()
+                load = run_load(
+                    port, bodies[i * args.requests : (i + 1) * args.requests], args.concurrency
+                )
+                passes.append(Pass(load, machine_busy_seconds() - busy_before))
+                passes[-1].print(f"pass {i + 1}" if args.passes > 1 else "")
         finally:
             supervisor.stop_all()
 
-    print(
-        f"{args.kind} intake, {args.requests} requests, concurrency {args.concurrency}, "
-        f"{args.workers} gunicorn workers x {args.threads} threads, "
-        f"{args.pending} pending rows before"
-    )
-    latencies, statuses = load.latencies, load.statuses
-    print(f"  throughput   {len(latencies) / load.elapsed:8.0f} requests/s")
-    print(f"  latency p50  {percentile(latencies, 0.50) * 1000:8.1f} ms")
-    print(f"  latency p99  {percentile(latencies, 0.99) * 1000:8.1f} ms")
-    print(f"  mean         {statistics.mean(latencies) * 1000:8.1f} ms")
-    print(f"  statuses     {dict(sorted(statuses.items()))}")
-    print(
-        f"  loadgen cpu  {load.cpu_seconds / len(latencies) * 1e6:8.1f} µs/request "
-        f"({load.processes} process{'es' if load.processes > 1 else ''}, "
-        f"{load.reconnects} reconnects, {load.resent} resent)"
-    )
-    print(
-        f"  machine cpu  {machine_cpu / len(latencies) * 1e3:8.2f} ms/request, all processes "
-        f"({machine_cpu / load.elapsed:.1f} of {os.cpu_count()} cores busy)"
-    )
-    return 0 if set(statuses) <= {202} else 1
+    if len(passes) > 1:
+        rates = sorted(p.rate for p in passes)
+        p99s = sorted(p.p99 for p in passes)
+        print(
+            f"median of {len(passes)} passes: {statistics.median(rates):.0f} requests/s "
+            f"(range {rates[0]:.0f}-{rates[-1]:.0f}), p99 {statistics.median(p99s) * 1000:.1f} ms "
+            f"(range {p99s[0] * 1000:.1f}-{p99s[-1] * 1000:.1f})"
+        )
+    return 0 if all(set(p.load.statuses) <= {202} for p in passes) else 1
+
+
+@dataclass
+class Pass:
+    load: LoadResult
+    machine_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return len(self.load.latencies) / self.load.elapsed
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.load.latencies, 0.99)
+
+    def print(self, title: str) -> None:
+        load = self.load
+        latencies, n = load.latencies, len(load.latencies)
+        if title:
+            print(title)
+        print(f"  throughput   {self.rate:8.0f} requests/s")
+        print(f"  latency p50  {percentile(latencies, 0.50) * 1000:8.1f} ms")
+        print(f"  latency p99  {self.p99 * 1000:8.1f} ms")
+        print(f"  mean         {statistics.mean(latencies) * 1000:8.1f} ms")
+        print(f"  statuses     {dict(sorted(load.statuses.items()))}")
+        print(
+            f"  loadgen cpu  {load.cpu_seconds / n * 1e6:8.1f} µs/request "
+            f"({load.processes} process{'es' if load.processes > 1 else ''}, "
+            f"{load.reconnects} reconnects, {load.resent} resent)"
+        )
+        print(
+            f"  machine cpu  {self.machine_cpu / n * 1e3:8.2f} ms/request, all processes "
+            f"({self.machine_cpu / load.elapsed:.1f} of {os.cpu_count()} cores busy)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
