@@ -14,7 +14,11 @@ command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are
 # Debian builds it with profile-guided optimisation and links the interpreter statically,
 # and it runs mintq's request path about 10-25% faster than an unoptimised build with a
 # shared libpython (what pyenv builds by default, and what `python3` may find first on PATH).
-python_ok() { "$1" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+# (Debian's venv needs ensurepip, which only the python3-venv package provides.)
+python_ok() { "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+if [ -n "${MINTQ_PYTHON:-}" ]; then
+  python_ok "$MINTQ_PYTHON" || die "MINTQ_PYTHON=$MINTQ_PYTHON is not a Python 3.11+ with venv"
+fi
 PYTHON=""
 for candidate in ${MINTQ_PYTHON:-} /usr/bin/python3 python3; do
   if python_ok "$candidate"; then PYTHON=$(command -v "$candidate"); break; fi
