@@ -20,7 +20,9 @@ import argparse
 import json
 import math
 import os
+import socket
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,37 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_context_switches() -> int:
+    """Context switches on the whole machine since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/stat has no ctxt line")
+
+
+def process_round_trip_micros(trips: int = 20_000) -> float:
+    """Mean time for one byte to go to another process and back over a socket pair: what this
+    host charges for waking a process, which a request pays about 30 times. It drifts from
+    hour to hour here while plain computation keeps its speed, and so does intake with it."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only echoes
+        parent.close()
+        for _ in range(trips):
+            child.recv(1)
+            child.send(b"x")
+        os._exit(0)
+    child.close()
+    started = time.perf_counter()
+    for _ in range(trips):
+        parent.send(b"x")
+        parent.recv(1)
+    elapsed = time.perf_counter() - started
+    os.waitpid(pid, 0)
+    parent.close()
+    return elapsed / trips * 1e6
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.intake", description=__doc__)
     parser.add_argument("--kind", choices=("gasless", "custom"), default="gasless")
@@ -74,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.pending} pending rows before",
         flush=True,
     )
+    print(f"host: process round trip {process_round_trip_micros():.1f} µs (idle)", flush=True)
     passes: list[Pass] = []
     with bench_env("intake") as env:
         if args.pending:
@@ -89,11 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_until_serving(port, supervisor)
             run_load(port, prepare_bodies(env, args.kind, 64), 8)  # warm-up, not measured
             for i in range(args.passes):
-                busy_before = machine_busy_seconds()
+                busy_before, switches_before = machine_busy_seconds(), machine_context_switches()
                 load = run_load(
                     port, bodies[i * args.requests : (i + 1) * args.requests], args.concurrency
                 )
-                passes.append(Pass(load, machine_busy_seconds() - busy_before))
+                passes.append(
+                    Pass(
+                        load,
+                        machine_busy_seconds() - busy_before,
+                        machine_context_switches() - switches_before,
+                    )
+                )
                 passes[-1].print(f"pass {i + 1}" if args.passes > 1 else "")
         finally:
             supervisor.stop_all()
@@ -113,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 class Pass:
     load: LoadResult
     machine_cpu: float
+    context_switches: int
 
     @property
     def rate(self) -> float:
@@ -140,6 +181,9 @@ class Pass:
         print(
             f"  machine cpu  {self.machine_cpu / n * 1e3:8.2f} ms/request, all processes "
             f"({self.machine_cpu / load.elapsed:.1f} of {os.cpu_count()} cores busy)",
+        )
+        print(
+            f"  switches     {self.context_switches / n:8.1f} per request, all processes",
             flush=True,
         )
 
