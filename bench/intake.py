@@ -73,7 +73,7 @@ def process_round_trip_micros(trips: int = 20_000) -> float:
     hour to hour here while plain computation keeps its speed, and so does intake with it."""
     parent, child = socket.socketpair()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child only echoes
+    if pid == 0:  # the child echoes each byte back
         parent.close()
         for _ in range(trips):
             child.recv(1)
@@ -180,7 +180,7 @@ class Pass:
         )
         print(
             f"  machine cpu  {self.machine_cpu / n * 1e3:8.2f} ms/request, all processes "
-            f"({self.machine_cpu / load.elapsed:.1f} of {os.cpu_count()} cores busy)",
+            f"({self.machine_cpu / load.elapsed:.1f} of {os.cpu_count()} cores busy)"
         )
         print(
             f"  switches     {self.context_switches / n:8.1f} per request, all processes",
