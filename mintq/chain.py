@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,18 +14,39 @@ from typing import Any, TypeVar
 
 import requests
 from eth_utils import keccak, to_checksum_address
-from web3 import Web3
+from web3 import HTTPProvider, Web3
 from web3.contract import Contract
+from web3.exceptions import (
+    BadResponseFormat,
+    ProviderConnectionError,
+    RequestTimedOut,
+    TimeExhausted,
+)
+from web3.types import RPCEndpoint, RPCResponse
 
 from mintq.eip3009 import Domain
 from mintq.errors import DependencyUnavailable
-from mintq.jsonrpc import JsonRpcClient
 from mintq.settings import Settings
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "contracts" / "artifacts"
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 
 T = TypeVar("T")
+
+# What a node that is down, hung or not a node at all raises through web3's HTTPProvider: no
+# connection, a timeout or an HTTP error status (requests), a body that is not JSON, and
+# web3's own words for an answer it cannot use. An error the node answers with (a revert, an
+# unknown transaction, a refused raw transaction) is not an outage: callers handle those.
+NODE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    requests.RequestException,
+    TimeoutError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+    ProviderConnectionError,
+    BadResponseFormat,
+    RequestTimedOut,
+    TimeExhausted,
+)
 
 
 @cache
@@ -38,7 +61,7 @@ def chain_errors() -> Iterator[None]:
     """Turn a node that does not answer into `DependencyUnavailable("chain")`."""
     try:
         yield
-    except (requests.RequestException, TimeoutError) as exc:
+    except NODE_UNAVAILABLE as exc:
         raise DependencyUnavailable("chain") from exc
 
 
@@ -84,16 +107,10 @@ def decode_transfers(logs: list[Any]) -> list[Transfer]:
 class Chain:
     """One node connection plus the two contracts mintq talks to."""
 
-    def __init__(self, settings: Settings, w3: Web3 | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.w3 = w3 or Web3(
-            Web3.HTTPProvider(
-                settings.rpc_url,
-                request_kwargs={"timeout": settings.chain_timeout_seconds},
-                # Fail fast: callers decide whether to retry (a 503, a Celery retry).
-                exception_retry_configuration=None,
-            )
-        )
+        self.provider = self._new_provider()
+        self.w3 = Web3(self.provider)
         self.usdc: Contract = self.w3.eth.contract(
             address=to_checksum_address(settings.usdc_address),
             abi=load_artifact("MockUSDC")["abi"],
@@ -102,44 +119,55 @@ class Chain:
             address=to_checksum_address(settings.token_address),
             abi=load_artifact("MintToken")["abi"],
         )
+        # A forked child (a gunicorn or Celery worker) must not share its parent's pooled
+        # connections. web3 keeps a session per thread id, and the child's thread has the id
+        # of the parent's thread that forked, so the child gets a provider of its own.
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reconnect(this()))
 
-    @cached_property
-    def _rpc(self) -> JsonRpcClient:
-        return JsonRpcClient(self.settings.rpc_url, self.settings.chain_timeout_seconds)
+    def _new_provider(self) -> HTTPProvider:
+        return HTTPProvider(
+            self.settings.rpc_url,
+            request_kwargs={"timeout": self.settings.chain_timeout_seconds},
+            # Fail fast: callers decide whether to retry (a 503, a Celery retry).
+            exception_retry_configuration=None,
+        )
+
+    def _batch(self, calls: list[tuple[str, Any]]) -> list[RPCResponse]:
+        """One JSON-RPC batch request through the provider, its answers in call order.
+
+        The provider's own batch call, beneath web3's middleware and result formatters: the
+        answers are the node's JSON, hex strings and all.
+        """
+        if not calls:
+            return []
+        with chain_errors():
+            answers = self.provider.make_batch_request(
+                [(RPCEndpoint(method), params) for method, params in calls]
+            )
+        # A node that refuses the whole batch answers with one error object instead of a list.
+        if not isinstance(answers, list) or len(answers) != len(calls):
+            error = answers.get("error") if isinstance(answers, dict) else None
+            raise DependencyUnavailable("chain", f"the node did not answer the batch: {error}")
+        return answers
 
     def rpc(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Several JSON-RPC calls in one batch request: their raw results, in order (None for
         a call the node answered with an error).
 
-        For the intake hot path: web3 costs a round trip and about a millisecond of
-        formatting per call.
+        Raw, as the node sent them (quantities are 0x-hex strings): web3's formatting of
+        receipts and blocks is work the intake path does not need.
         """
-        batch = [
-            {"jsonrpc": "2.0", "id": i, "method": method, "params": params}
-            for i, (method, params) in enumerate(calls)
-        ]
-        answers = {a.get("id"): a for a in self._rpc.post(batch)}
-        return [answers.get(i, {}).get("result") for i in range(len(calls))]
+        return [answer.get("result") for answer in self._batch(calls)]
 
     def eth_calls(self, calls: list[tuple[str, bytes]]) -> list[bytes]:
-        """Several read-only `eth_call`s at the latest block in one JSON-RPC batch request.
-
-        For the intake hot path: web3's contract calls cost several round trips each, and
-        `requests` alone costs more CPU than the node takes to answer (see `mintq.jsonrpc`).
-        """
-        batch: list[dict[str, Any]] = [
-            {
-                "jsonrpc": "2.0",
-                "id": i,
-                "method": "eth_call",
-                "params": [{"to": to, "data": "0x" + data.hex()}, "latest"],
-            }
-            for i, (to, data) in enumerate(calls)
-        ]
-        answers = {a["id"]: a for a in self._rpc.post(batch)}
+        """Several read-only `eth_call`s at the latest block in one JSON-RPC batch request:
+        one round trip where web3's contract calls take one each."""
+        answers = self._batch(
+            [("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"]) for to, data in calls]
+        )
         results = []
-        for i in range(len(calls)):
-            answer = answers.get(i, {})
+        for answer in answers:
             if "result" not in answer:
                 raise DependencyUnavailable("chain", f"eth_call failed: {answer.get('error')}")
             results.append(bytes.fromhex(answer["result"].removeprefix("0x")))
@@ -174,3 +202,9 @@ class Chain:
     def network(self) -> str:
         """The CAIP-2 id of the chain, e.g. `eip155:31337`."""
         return f"eip155:{self.chain_id}"
+
+
+def _reconnect(chain: Chain | None) -> None:
+    if chain is not None:
+        chain.provider = chain._new_provider()
+        chain.w3.provider = chain.provider

@@ -16,7 +16,6 @@ from db.session import make_engine, make_session_factory
 from mintq.chain import Chain
 from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.settings import Settings
-from mintq.sockets import KernelTimeoutRedisConnection
 from mintq.x402_payments import X402Gateway
 
 # The API must not wait long for what it can do without.
@@ -64,7 +63,6 @@ class Services:
             self.settings.redis_url,
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-            connection_class=KernelTimeoutRedisConnection,
         )
 
     @cached_property
