@@ -21,7 +21,9 @@ interface IUSDC {
 
 /// @notice The token mintq sells. Each paid-for mint carries the off-chain payment id, and the
 /// contract remembers every id it has minted for, so a batch that is re-sent after a crash or a
-/// replaced transaction can never mint twice for the same payment.
+/// replaced transaction can never mint twice for the same payment. A payment settled here by an
+/// EIP-3009 authorization has exactly one valid id, {authorizationPaymentId}, so the dedupe
+/// follows the money rather than whatever id the minter supplies.
 contract MintToken is ERC20, AccessControl {
     bytes32 public constant MINTER_ROLE = keccak256("MINTER_ROLE");
 
@@ -35,6 +37,8 @@ contract MintToken is ERC20, AccessControl {
     /// @notice One item of {batchSettleAndMint}: a mint and the EIP-3009 authorization paying for it.
     struct MintItem {
         address recipient;
+        // With an authorization to settle, this must be {authorizationPaymentId} of it, or the
+        // item is skipped.
         bytes32 paymentId;
         // The authorization to settle (payer -> payTo); from == address(0) means "already paid":
         // mint without settling.
@@ -99,10 +103,23 @@ contract MintToken is ERC20, AccessControl {
         }
     }
 
+    /// @notice The payment id of the EIP-3009 authorization (`from`, `nonce`) on `usdc` on this
+    /// chain: keccak256(abi.encode(chainid, usdc, from, nonce)), as mintq computes it off chain.
+    /// An authorization can settle only once, so it is one payment and gets one id.
+    function authorizationPaymentId(address usdc, address from, bytes32 nonce)
+        public
+        view
+        returns (bytes32)
+    {
+        return keccak256(abi.encode(block.chainid, usdc, from, nonce));
+    }
+
     /// @notice For each item: settles its authorization to `payTo` on `usdc` and mints only if that
-    /// succeeded, so a payer is charged exactly when minted for. Ids already minted and zero
-    /// recipients are skipped with {MintSkipped} before settling (their authorizations stay
-    /// unused); a failed settlement emits {SettlementFailed} and the batch goes on.
+    /// succeeded, so a payer is charged exactly when minted for. Ids already minted, zero
+    /// recipients and authorizations whose `paymentId` is not their {authorizationPaymentId} are
+    /// skipped with {MintSkipped} before settling (their authorizations stay unused); a failed
+    /// settlement emits {SettlementFailed} and the batch goes on. The id check is what keeps one
+    /// authorization from being settled and minted for under two ids, whoever chose them.
     function batchSettleAndMint(address usdc, address payTo, MintItem[] calldata items)
         external
         onlyRole(MINTER_ROLE)
@@ -114,9 +131,14 @@ contract MintToken is ERC20, AccessControl {
             MintItem calldata item = items[i];
             address recipient = item.recipient;
             bytes32 paymentId = item.paymentId;
-            if (recipient == address(0) || minted[paymentId]) {
+            address from = item.from;
+            if (
+                recipient == address(0)
+                    || (from != address(0) && paymentId != authorizationPaymentId(usdc, from, item.nonce))
+                    || minted[paymentId]
+            ) {
                 emit MintSkipped(paymentId, recipient);
-            } else if (item.from == address(0) || _settle(usdc, payTo, item)) {
+            } else if (from == address(0) || _settle(usdc, payTo, item)) {
                 minted[paymentId] = true;
                 _mint(recipient, amount);
                 emit Minted(paymentId, recipient, amount);

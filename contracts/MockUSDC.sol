@@ -6,10 +6,15 @@ import {ERC3009} from "@openzeppelin/contracts/token/ERC20/extensions/draft-ERC3
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 
-/// @notice USDC stand-in for dev and test chains only: anyone can mint.
+/// @notice USDC stand-in for dev and test chains only: anyone can mint, and anyone can blacklist.
 /// Name, EIP-712 domain and decimals match Circle's FiatTokenV2 so x402 clients sign for it as
 /// they would for real USDC.
 contract MockUSDC is ERC20, EIP712, ERC3009 {
+    mapping(address account => bool) private _blacklisted;
+
+    event Blacklisted(address indexed account);
+    event UnBlacklisted(address indexed account);
+
     constructor() ERC20("USD Coin", "USDC") EIP712("USD Coin", "2") {}
 
     function decimals() public pure override returns (uint8) {
@@ -29,6 +34,31 @@ contract MockUSDC is ERC20, EIP712, ERC3009 {
 
     function mint(address to, uint256 amount) external {
         _mint(to, amount);
+    }
+
+    /// @dev FiatToken's blacklist, so tests can make a payer's settlement fail the way Circle
+    /// makes it fail. Unguarded, like {mint}: this is a test token.
+    function blacklist(address account) external {
+        _blacklisted[account] = true;
+        emit Blacklisted(account);
+    }
+
+    function unBlacklist(address account) external {
+        _blacklisted[account] = false;
+        emit UnBlacklisted(account);
+    }
+
+    function isBlacklisted(address account) external view returns (bool) {
+        return _blacklisted[account];
+    }
+
+    /// @dev Every balance change passes here (transfer, transferFrom, both authorization
+    /// transfers, mint), so one check covers them all, with FiatToken's revert string. FiatToken
+    /// checks the blacklist before anything else; here it comes after the signature, time and
+    /// nonce checks, and the revert undoes the nonce.
+    function _update(address from, address to, uint256 value) internal virtual override {
+        require(!_blacklisted[from] && !_blacklisted[to], "Blacklistable: account is blacklisted");
+        super._update(from, to, value);
     }
 
     /// @dev FiatToken v2.2's bytes-signature overload, which MintToken settles through: ECDSA for

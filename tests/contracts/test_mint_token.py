@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from eth_abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import ContractCustomError
+from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
@@ -258,3 +259,140 @@ def test_transfer_with_authorization(chain: Chain) -> None:
     with pytest.raises(ContractCustomError) as exc_info:
         transfer.call({"from": chain.outsider.address})
     assert_reverts_with(exc_info.value, "ERC3009UsedAuthorization(address,bytes32)")
+
+
+BLACKLISTED = "Blacklistable: account is blacklisted"
+AUTHORIZATION_FIELDS = [
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+
+
+def authorized(
+    chain: Chain, payer: LocalAccount, to: str, value: int, kind: str = "TransferWithAuthorization"
+) -> Any:
+    """`payer`'s signed authorization of `kind`, as the MockUSDC call that submits it (the bytes
+    overload MintToken settles through for transfers, (v, r, s) for receives)."""
+    valid_before = chain.w3.eth.get_block("latest")["timestamp"] + 3600
+    nonce = secrets.token_bytes(32)
+    domain = {
+        "name": "USD Coin",
+        "version": "2",
+        "chainId": chain.deployment.chain_id,
+        "verifyingContract": chain.deployment.usdc,
+    }
+    message = {
+        "from": payer.address,
+        "to": to,
+        "value": value,
+        "validAfter": 0,
+        "validBefore": valid_before,
+        "nonce": nonce,
+    }
+    signed = Account.sign_typed_data(payer.key, domain, {kind: AUTHORIZATION_FIELDS}, message)
+    args = (payer.address, to, value, 0, valid_before, nonce)
+    if kind == "TransferWithAuthorization":
+        return chain.usdc.functions.transferWithAuthorization(*args, bytes(signed.signature))
+    return chain.usdc.functions.receiveWithAuthorization(
+        *args, signed.v, signed.r.to_bytes(32), signed.s.to_bytes(32)
+    )
+
+
+def funded_account(chain: Chain, usdc: int) -> LocalAccount:
+    """A fresh account with ETH for gas and `usdc` test USDC."""
+    account: LocalAccount = Account.create()
+    chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**18)])  # type: ignore[arg-type]
+    send(chain, chain.admin, chain.usdc.functions.mint(account.address, usdc))
+    return account
+
+
+def assert_blacklisted_revert(chain: Chain, sender: LocalAccount, call: Any) -> None:
+    """The call reverts with FiatToken's Error(string), and mined anyway it changes nothing."""
+    with pytest.raises(ContractLogicError) as exc_info:
+        call.call({"from": sender.address})
+    assert exc_info.value.message == f"execution reverted: {BLACKLISTED}"
+    error = Web3.keccak(text="Error(string)")[:4] + encode(["string"], [BLACKLISTED])
+    assert exc_info.value.data == "0x" + error.hex()
+    assert send(chain, sender, call, gas=200_000)["status"] == 0
+
+
+def test_blacklisted_payer_cannot_settle_an_authorization_until_unblacklisted(
+    chain: Chain,
+) -> None:
+    payer = funded_account(chain, 1_000_000)
+    pay_to = fresh_recipients(1)[0]
+    transfer = authorized(chain, payer, pay_to, 1_000_000)
+    nonce = transfer.args[5]
+
+    # Anyone may blacklist on this test token, as anyone may mint.
+    receipt = send(chain, chain.outsider, chain.usdc.functions.blacklist(payer.address))
+
+    assert chain.usdc.functions.isBlacklisted(payer.address).call()
+    blacklisted = chain.usdc.events.Blacklisted().process_receipt(receipt, errors=DISCARD)
+    assert [e.args.account for e in blacklisted] == [payer.address]
+    assert_blacklisted_revert(chain, chain.outsider, transfer)
+    assert not chain.usdc.functions.authorizationState(payer.address, nonce).call()
+    assert chain.usdc.functions.balanceOf(payer.address).call() == 1_000_000
+
+    receipt = send(chain, chain.outsider, chain.usdc.functions.unBlacklist(payer.address))
+
+    assert not chain.usdc.functions.isBlacklisted(payer.address).call()
+    unblacklisted = chain.usdc.events.UnBlacklisted().process_receipt(receipt, errors=DISCARD)
+    assert [e.args.account for e in unblacklisted] == [payer.address]
+    assert send(chain, chain.outsider, transfer)["status"] == 1
+    assert chain.usdc.functions.authorizationState(payer.address, nonce).call()
+    assert chain.usdc.functions.balanceOf(payer.address).call() == 0
+    assert chain.usdc.functions.balanceOf(pay_to).call() == 1_000_000
+
+
+@pytest.mark.parametrize("blacklisted_end", ["from", "to"])
+def test_every_transfer_checks_both_ends_against_the_blacklist(
+    chain: Chain, blacklisted_end: str
+) -> None:
+    holder, receiver = funded_account(chain, 10), funded_account(chain, 0)
+    spender = funded_account(chain, 0)
+    send(chain, holder, chain.usdc.functions.approve(spender.address, 10))
+    send(
+        chain,
+        chain.outsider,
+        chain.usdc.functions.blacklist(
+            holder.address if blacklisted_end == "from" else receiver.address
+        ),
+    )
+    usdc = chain.usdc.functions
+
+    assert_blacklisted_revert(chain, holder, usdc.transfer(receiver.address, 1))
+    assert_blacklisted_revert(
+        chain, spender, usdc.transferFrom(holder.address, receiver.address, 1)
+    )
+    assert_blacklisted_revert(chain, chain.outsider, authorized(chain, holder, receiver.address, 1))
+    receive = authorized(chain, holder, receiver.address, 1, "ReceiveWithAuthorization")
+    assert_blacklisted_revert(chain, receiver, receive)
+    if blacklisted_end == "to":
+        assert_blacklisted_revert(chain, chain.outsider, usdc.mint(receiver.address, 1))
+    assert usdc.balanceOf(holder.address).call() == 10
+    assert usdc.balanceOf(receiver.address).call() == 0
+
+
+@pytest.mark.parametrize("kind", ["TransferWithAuthorization", "ReceiveWithAuthorization"])
+def test_authorization_used_is_logged_right_before_its_transfer(chain: Chain, kind: str) -> None:
+    """FiatToken v2.2's order, which readers of a settlement's receipt rely on."""
+    payer, receiver = funded_account(chain, 5), funded_account(chain, 0)
+    call = authorized(chain, payer, receiver.address, 5, kind)
+
+    receipt = send(chain, receiver, call)
+
+    assert receipt["status"] == 1
+    [used] = chain.usdc.events.AuthorizationUsed().process_receipt(receipt, errors=DISCARD)
+    [transfer] = chain.usdc.events.Transfer().process_receipt(receipt, errors=DISCARD)
+    assert (used.args.authorizer, used.args.nonce) == (payer.address, call.args[5])
+    assert (transfer.args["from"], transfer.args.to, transfer.args.value) == (
+        payer.address,
+        receiver.address,
+        5,
+    )
+    assert used.logIndex + 1 == transfer.logIndex

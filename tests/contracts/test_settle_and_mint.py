@@ -26,6 +26,8 @@ from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCErro
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
+from mintq import eip3009
+
 PRICE = 1_000_000  # 1 USDC
 AUTHORIZATION_TYPES = {
     "TransferWithAuthorization": [
@@ -52,6 +54,9 @@ INVALID_SIGNATURE = selector("ERC3009InvalidSignature()")
 INVALID_TIME = selector("ERC3009InvalidAuthorizationTime(uint256,uint256)")
 USED_AUTHORIZATION = selector("ERC3009UsedAuthorization(address,bytes32)")
 INSUFFICIENT_BALANCE = selector("ERC20InsufficientBalance(address,uint256,uint256)")
+BLACKLISTED = selector("Error(string)") + encode(
+    ["string"], ["Blacklistable: account is blacklisted"]
+)
 
 
 # The same module-scoped fixture as test_mint_token's: an anvil of this module's own.
@@ -111,7 +116,8 @@ def authorize(
     valid_before: int | None = None,
     signer: LocalAccount | None = None,
 ) -> Item:
-    """An item for a fresh recipient and payment id, paid by `payer`'s signed authorization."""
+    """An item for a fresh recipient, paid by `payer`'s signed authorization and carrying its
+    payment id as mintq computes it."""
     nonce = secrets.token_bytes(32)
     if valid_before is None:
         valid_before = now(chain) + 3600
@@ -132,13 +138,23 @@ def authorize(
     signed = Account.sign_typed_data((signer or payer).key, domain, AUTHORIZATION_TYPES, message)
     return Item(
         recipient=fresh_recipients(1)[0],
-        payment_id=fresh_ids(1)[0],
+        payment_id=authorization_payment_id(chain, payer.address, nonce),
         sender=payer.address,
         value=value,
         valid_before=valid_before,
         nonce=nonce,
         signature=bytes(signed.signature),
     )
+
+
+def authorization_payment_id(
+    chain: Chain, sender: str, nonce: bytes, usdc: str | None = None
+) -> bytes:
+    """The Python side's id for an authorization (what the queue stores and the batch sends)."""
+    payment_id = eip3009.payment_id(
+        chain.deployment.chain_id, usdc or chain.deployment.usdc, sender, nonce
+    )
+    return bytes.fromhex(payment_id.removeprefix("0x"))
 
 
 def paid_item() -> Item:
@@ -249,10 +265,11 @@ def test_mixed_batch_mints_exactly_the_settled_and_already_paid_items(chain: Cha
     assert chain.token.functions.balanceOf(already_minted.recipient).call() == MINT_AMOUNT
 
 
-def test_a_payment_id_repeated_in_one_batch_is_settled_once(chain: Chain) -> None:
+def test_an_authorization_repeated_in_one_batch_is_settled_once(chain: Chain) -> None:
     pay_to = fresh_recipients(1)[0]
-    first, second = (authorize(chain, payer, pay_to) for payer in funded_payers(chain, 2))
-    second = replace(second, payment_id=first.payment_id)
+    (payer,) = funded_payers(chain, 1, 2 * PRICE)  # enough to be charged twice
+    first = authorize(chain, payer, pay_to)
+    second = replace(first, recipient=fresh_recipients(1)[0])
 
     receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, [first, second]))
 
@@ -260,9 +277,70 @@ def test_a_payment_id_repeated_in_one_batch_is_settled_once(chain: Chain) -> Non
     assert is_minted(chain, first)
     assert chain.token.functions.balanceOf(second.recipient).call() == 0
     assert events(chain.token, "MintSkipped", receipt) == [(second.payment_id, second.recipient)]
-    assert not authorization_used(chain, second)
-    assert usdc_balance(chain, second.sender) == PRICE
+    assert usdc_balance(chain, payer.address) == PRICE
     assert usdc_balance(chain, pay_to) == PRICE
+
+
+def test_payment_id_of_an_authorization_is_the_one_python_computes(chain: Chain) -> None:
+    sender, usdc = fresh_recipients(2)
+    nonce = secrets.token_bytes(32)
+
+    on_chain = chain.token.functions.authorizationPaymentId(usdc, sender, nonce).call()
+
+    python_id = eip3009.payment_id(chain.deployment.chain_id, usdc, sender, nonce)
+    assert "0x" + on_chain.hex() == python_id
+
+
+def test_an_authorization_under_another_payment_id_is_skipped_unsettled(chain: Chain) -> None:
+    """A minter cannot settle one authorization under an id of its choosing: only under its own
+    id, so the dedupe on `minted` sees every settlement of it."""
+    pay_to = fresh_recipients(1)[0]
+    payers = funded_payers(chain, 2)
+    right = authorize(chain, payers[0], pay_to)
+    (wrong_id,) = fresh_ids(1)
+    wrong = replace(authorize(chain, payers[1], pay_to), payment_id=wrong_id)
+    # The same authorization as `right`, under another id, ahead of it in the batch.
+    right_elsewhere = replace(right, recipient=fresh_recipients(1)[0], payment_id=fresh_ids(1)[0])
+
+    receipt = send(
+        chain, chain.minter, settle_and_mint(chain, pay_to, [wrong, right_elsewhere, right])
+    )
+
+    assert receipt["status"] == 1
+    assert events(chain.token, "MintSkipped", receipt) == [
+        (wrong.payment_id, wrong.recipient),
+        (right_elsewhere.payment_id, right_elsewhere.recipient),
+    ]
+    assert events(chain.token, "SettlementFailed", receipt) == []
+    assert events(chain.token, "Minted", receipt) == [
+        (right.payment_id, right.recipient, MINT_AMOUNT)
+    ]
+    for skipped in (wrong, right_elsewhere):
+        assert not is_minted(chain, skipped)
+    assert not authorization_used(chain, wrong)
+    assert usdc_balance(chain, wrong.sender) == PRICE
+    assert is_minted(chain, right)
+    assert authorization_used(chain, right)
+    assert usdc_balance(chain, right.sender) == 0
+    assert usdc_balance(chain, pay_to) == PRICE
+
+
+def test_a_blacklisted_payer_fails_alone_with_usdcs_reason(chain: Chain) -> None:
+    pay_to = fresh_recipients(1)[0]
+    payers = funded_payers(chain, 2)
+    blocked, valid = (authorize(chain, payer, pay_to) for payer in payers)
+    send(chain, chain.outsider, chain.usdc.functions.blacklist(blocked.sender))
+
+    receipt = send(chain, chain.minter, settle_and_mint(chain, pay_to, [blocked, valid]))
+
+    assert receipt["status"] == 1
+    assert events(chain.token, "SettlementFailed", receipt) == [
+        (blocked.payment_id, blocked.sender, BLACKLISTED)
+    ]
+    assert not is_minted(chain, blocked)
+    assert not authorization_used(chain, blocked)
+    assert usdc_balance(chain, blocked.sender) == PRICE
+    assert is_minted(chain, valid)
 
 
 def test_zero_recipient_is_skipped_without_settling(chain: Chain) -> None:
@@ -408,7 +486,12 @@ def test_a_usdc_address_without_code_reverts_the_batch(chain: Chain) -> None:
     pay_to = fresh_recipients(1)[0]
     (payer,) = funded_payers(chain, 1)
     item = authorize(chain, payer, pay_to)
-    call = chain.token.functions.batchSettleAndMint(fresh_recipients(1)[0], pay_to, [item.as_abi()])
+    no_code = fresh_recipients(1)[0]
+    # Under the id it would have on that "USDC", or the item is skipped before any call.
+    item = replace(
+        item, payment_id=authorization_payment_id(chain, payer.address, item.nonce, no_code)
+    )
+    call = chain.token.functions.batchSettleAndMint(no_code, pay_to, [item.as_abi()])
 
     # Solidity checks for code before the call, outside the try: this is not a SettlementFailed.
     with pytest.raises(ContractLogicError):
