@@ -10,6 +10,7 @@ from app.cli import cli as admin_cli
 from app.errors import register_error_handlers
 from app.events import bp as events_bp
 from app.health import bp as health_bp
+from app.jsonbody import JSONProvider, JSONRequest
 from app.metrics import bp as metrics_bp
 from app.pages import bp as pages_bp
 from app.routes import bp
@@ -20,7 +21,10 @@ from mintq.settings import Settings
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     """Build the API. Settings default to the environment; nothing connects until a request."""
     app = Flask(__name__)
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Every JSON body is read through app.jsonbody: a deeply nested one would crash the worker.
+    app.json = JSONProvider(app)
+    app.json.sort_keys = False
+    app.request_class = JSONRequest
     svc = services or Services.from_settings(settings or Settings.from_env())
     app.extensions["mintq"] = svc
     if svc.settings.trusted_proxies:
