@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from eth_utils import is_checksum_formatted_address
 from marshmallow import Schema, ValidationError, fields, validate
 
 from mintq import webhooks
@@ -28,11 +29,21 @@ class Uint256(fields.Field):
 
 
 class Address(fields.String):
+    """A 0x-prefixed address, answered checksummed.
+
+    Mixed case is an EIP-55 checksum, and one that does not match means a mistyped address:
+    refused, or the mint would go to an address nobody holds. All lower or all upper case
+    carries no checksum and is accepted as it is.
+    """
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not valid_address(text):
+        if not text.startswith("0x") or not valid_address(text):
             raise ValidationError("must be a 0x-prefixed 20-byte address")
-        return str(checksum_address(text))
+        checksummed = str(checksum_address(text))
+        if text != checksummed and is_checksum_formatted_address(text):
+            raise ValidationError("does not match its EIP-55 checksum: is it mistyped?")
+        return checksummed
 
 
 class HexBytes(fields.Field):

@@ -1,5 +1,5 @@
-"""Input a client should never send: JSON nested deep enough to crash the parser. It gets a
-4xx JSON answer, and the API process that read it lives on."""
+"""Input a client should never send: mistyped addresses and JSON nested deep enough to crash
+the parser. Each gets a 4xx JSON answer, and the API process that read it lives on."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask, request
+from flask.testing import FlaskClient
+from marshmallow import ValidationError
 
 from app import create_app
 from app.jsonbody import MAX_DEPTH, InvalidJSON, loads
-from conftest import free_port, service_env
+from app.schemas import load_mint_request
+from conftest import PRICE, Chainside, free_port, service_env
 from deploy.stack import Supervisor, api_command, wait_until_serving
 from mintq.services import Services
 from mintq.settings import Settings
@@ -145,6 +148,80 @@ def test_get_json_everywhere_refuses_a_deep_body(admin_app: Flask) -> None:
         content_type="application/json",
     )
     assert (settings.status_code, settings.get_json()["error"]) == (400, "invalid_json")
+
+
+# --- addresses: a mixed-case spelling must pass its EIP-55 checksum ------------------------
+
+
+def miscased(address: str) -> str:
+    """`address` with the case of one letter flipped: a checksum that no longer matches."""
+    index = next(i for i, c in enumerate(address) if i >= 2 and c.isalpha())
+    return address[:index] + address[index].swapcase() + address[index + 1 :]
+
+
+def with_address(body: dict[str, Any], field: str, value: str) -> dict[str, Any]:
+    return {**body, "authorization": {**body["authorization"], field: value}}
+
+
+@pytest.fixture
+def client(services: Services) -> FlaskClient:
+    return create_app(services=services).test_client()
+
+
+@pytest.mark.parametrize("field", ["from", "to"])
+def test_a_mixed_case_address_with_a_wrong_checksum_is_refused(
+    client: FlaskClient, chainside: Chainside, field: str
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    address = body["authorization"][field]
+    bad = with_address(body, field, miscased(address))
+
+    with pytest.raises(ValidationError) as refused:
+        load_mint_request(bad)
+    assert list(refused.value.messages) == ["authorization"]
+
+    answer = client.post("/mint", json=bad)
+    assert answer.status_code == 400, answer.get_data(as_text=True)
+    error = answer.get_json()
+    assert error["error"] == "validation_error"
+    assert list(error["details"]) == ["authorization"]
+    [message] = error["details"]["authorization"][field]
+    assert "EIP-55 checksum" in message
+    assert chainside.usdc_balance(payer.address) == PRICE
+
+
+@pytest.mark.parametrize(
+    ("field", "spelling"),
+    [("from", str.lower), ("from", str.upper), ("to", str.lower), ("to", str.upper)],
+    ids=["from-lower", "from-upper", "to-lower", "to-upper"],
+)
+def test_an_address_in_one_case_carries_no_checksum_and_is_accepted(
+    client: FlaskClient, chainside: Chainside, field: str, spelling: Any
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    address = body["authorization"][field]
+    spelled = with_address(body, field, "0x" + spelling(address[2:]))
+
+    assert load_mint_request(spelled)["authorization"] == load_mint_request(body)["authorization"]
+    answer = client.post("/mint", json=spelled)
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    item = answer.get_json()
+    assert item["payer"] == payer.address  # answered checksummed
+    assert item["status"] == "pending"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["ab" * 20, "0X" + "ab" * 20, "0x" + "ab" * 19, "0x" + "g" * 40, 1234],
+    ids=["no-0x", "0X", "short", "not-hex", "number"],
+)
+def test_an_address_that_is_not_one_is_refused(chainside: Chainside, value: Any) -> None:
+    body = with_address(chainside.sign_authorization(chainside.new_payer()), "to", value)
+    with pytest.raises(ValidationError) as refused:
+        load_mint_request(body)
+    assert "to" in refused.value.messages["authorization"]  # type: ignore[call-overload,index]
 
 
 # --- the real API under gunicorn: a hostile body or header does not kill a worker ----------
