@@ -2,8 +2,9 @@
 
 `python -m deploy.stack` (what `scripts/up.sh` runs after installing everything):
 database and migrations, the embedded anvil chain with its contracts when no RPC_URL is set,
-then the API under gunicorn, a Celery worker, Celery beat and Flower. Ctrl-C (or SIGTERM)
-stops every process it started. Tests use `Supervisor` to start the same processes.
+then the API under gunicorn, a Celery worker, Celery beat and Flower. Logins not configured
+(Flower's, the admin API's token) are made up and printed once. Ctrl-C (or SIGTERM) stops
+every process it started. Tests use `Supervisor` to start the same processes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sqlalchemy.engine import make_url
 from web3 import Web3
 
 from deploy.devchain import ANVIL_KEYS, Anvil, deploy, start_anvil
-from mintq.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL
+from mintq.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, MIN_ADMIN_TOKEN_LENGTH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".mintq"
@@ -85,6 +86,16 @@ def load_env_file(path: Path) -> dict[str, str]:
         key, _, value = line.partition("=")
         values[key.strip()] = value.strip().strip("'\"")
     return values
+
+
+def stack_env(environ: Mapping[str, str], env_file: Path) -> dict[str, str]:
+    """The environment of every process the stack starts: `env_file` (`.env`), overridden by
+    `environ` (the real environment), then defaults."""
+    env = {**load_env_file(env_file), **environ}
+    env.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
+    env.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 # --- database ----------------------------------------------------------------------------
@@ -289,6 +300,36 @@ def flower_basic_auth(env: Mapping[str, str]) -> tuple[str, bool]:
     return configured, False
 
 
+def admin_token(env: Mapping[str, str]) -> tuple[str, bool]:
+    """The admin API's bearer token from ADMIN_TOKEN, or a new random one, so that an operator
+    can use the admin API of a stack started without configuring it (the app alone answers
+    503 `admin_disabled` then).
+
+    Returns the token and whether it was generated (and so must be shown once).
+    """
+    configured = env.get("ADMIN_TOKEN", "").strip()
+    if not configured:
+        return secrets.token_urlsafe(32), True
+    if len(configured) < MIN_ADMIN_TOKEN_LENGTH:
+        # The API would refuse to start, again and again: say why once, here.
+        raise SystemExit(
+            f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters (see .env.example)"
+        )
+    return configured, False
+
+
+def print_generated_logins(*, flower_auth: str | None, admin_token: str | None) -> None:
+    """Show the credentials the stack made up, once; configured ones (None) are never shown."""
+    if flower_auth is not None:
+        print(f"Flower login: admin / {flower_auth.partition(':')[2]}", flush=True)
+    if admin_token is not None:
+        print(
+            f"Admin API token: {admin_token}  (Authorization: Bearer <token>; "
+            "set ADMIN_TOKEN in .env to keep one across restarts)",
+            flush=True,
+        )
+
+
 # --- main --------------------------------------------------------------------------------
 
 
@@ -374,10 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     STATE_DIR.mkdir(exist_ok=True)
-    env = {**load_env_file(REPO_ROOT / ".env"), **os.environ}
-    env.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
-    env.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = stack_env(os.environ, REPO_ROOT / ".env")
     if args.setup_only:
         setup(env, recreate_database=False)
         write_chain_env(env, args.env_out)
@@ -385,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for port, what in ((args.api_port, "API"), (args.flower_port, "Flower")):
         if port_in_use(port):
             raise SystemExit(f"port {port} for the {what} is taken: is mintq already running?")
-    flower_auth, generated = flower_basic_auth(env)
+    flower_auth, flower_generated = flower_basic_auth(env)
+    token, token_generated = admin_token(env)
 
     anvil = None
     supervisor = Supervisor(output=sys.stdout, log_dir=STATE_DIR / "logs")
@@ -404,13 +443,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup(env, recreate_database=embedded)
         write_chain_env(env, args.env_out)
 
-        supervisor.start("api", api_command(args.api_port, access_log=True), env)
+        api_env = {**env, "ADMIN_TOKEN": token}  # the API is the one process that needs it
+        supervisor.start("api", api_command(args.api_port, access_log=True), api_env)
         supervisor.start("worker", worker_command(), env)
         supervisor.start("webhooks", webhook_worker_command(), env)
         supervisor.start("beat", beat_command(STATE_DIR / "celerybeat-schedule"), env)
         supervisor.start("flower", flower_command(args.flower_port, flower_auth), env)
-        if generated:
-            print(f"Flower login: admin / {flower_auth.partition(':')[2]}", flush=True)
+        print_generated_logins(
+            flower_auth=flower_auth if flower_generated else None,
+            admin_token=token if token_generated else None,
+        )
         print(
             f"\nmintq is up: API http://127.0.0.1:{args.api_port}  "
             f"Flower http://127.0.0.1:{args.flower_port}  chain {env['RPC_URL']}\n"

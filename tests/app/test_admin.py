@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,13 +28,14 @@ from test_openapi import assert_matches, body_schema
 from app import create_app
 from conftest import MINT_AMOUNT, PRICE, Chainside, paid, service_env
 from db.models import MintQueueItem, SystemSetting
+from deploy import stack
 from mintq import admin, batching, events, queue
 from mintq.batching import Minter
 from mintq.errors import MintqError
 from mintq.operating import load_operating_settings
 from mintq.payments import VerifiedPayment
 from mintq.services import Services
-from mintq.settings import ConfigError, Settings
+from mintq.settings import MIN_ADMIN_TOKEN_LENGTH, ConfigError, Settings
 
 TOKEN = "admin-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -63,7 +65,9 @@ def queue_item(
 ) -> VerifiedPayment:
     payment = paid(payment_type=payment_type, payment_tx_hash=payment_tx_hash, payload=payload)
     with services.sessions() as session, session.begin():
-        item, _ = queue.enqueue(session, payment)
+        row, _ = queue.enqueue(session, payment)
+        item = session.get(MintQueueItem, row.queue_id)
+        assert item is not None
         item.status = status
         item.retry_count = retry_count
         if status == "failed":
@@ -73,7 +77,9 @@ def queue_item(
 
 def item_of(services: Services, payment: VerifiedPayment) -> MintQueueItem:
     with services.sessions() as session:
-        item = queue.find_by_payment_id(session, payment.payment_id)
+        row = queue.find(session, payment.payment_id)
+        assert row is not None
+        item = session.get(MintQueueItem, row.queue_id)
         assert item is not None
         return item
 
@@ -166,6 +172,56 @@ def test_admin_token_comes_from_the_environment_and_stays_out_of_repr(
     assert TOKEN not in repr(configured)
     with pytest.raises(ConfigError, match="ADMIN_TOKEN"):
         Settings.from_env({**env, "ADMIN_TOKEN": "short"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "dot_env", "expected"),
+    [
+        ({"ADMIN_TOKEN": "from-the-environment-1"}, "ADMIN_TOKEN=from-dot-env-123456\n", "env"),
+        ({}, "# local\nADMIN_TOKEN='from-dot-env-123456'\n", ".env"),
+        ({"ADMIN_TOKEN": " "}, "ADMIN_TOKEN=\n", None),
+        ({}, None, None),
+    ],
+    ids=["environment-wins", "dot-env", "blank", "unset"],
+)
+def test_the_stack_takes_the_configured_admin_token_or_makes_one_up_and_prints_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    environ: dict[str, str],
+    dot_env: str | None,
+    expected: str | None,
+) -> None:
+    env_file = tmp_path / ".env"
+    if dot_env is not None:
+        env_file.write_text(dot_env)
+    token, generated = stack.admin_token(stack.stack_env(environ, env_file))
+    stack.print_generated_logins(flower_auth=None, admin_token=token if generated else None)
+    printed = capsys.readouterr().out
+    if expected == "env":
+        assert (token, generated) == ("from-the-environment-1", False)
+    elif expected == ".env":
+        assert (token, generated) == ("from-dot-env-123456", False)
+    else:
+        assert generated and len(token) >= MIN_ADMIN_TOKEN_LENGTH
+        assert stack.admin_token({})[0] != token  # made up anew on each start
+    assert (token in printed) == generated  # a configured token is never shown
+    if generated:
+        assert printed.startswith("Admin API token: ")
+
+
+def test_a_short_admin_token_stops_the_stack() -> None:
+    with pytest.raises(SystemExit, match="ADMIN_TOKEN must be at least 16"):
+        stack.admin_token({"ADMIN_TOKEN": "short"})
+
+
+def test_the_stacks_made_up_token_opens_the_admin_api(services: Services) -> None:
+    token, _ = stack.admin_token({})
+    settings = Settings.from_env({**service_env(services.settings), "ADMIN_TOKEN": token})
+    client = create_app(services=dataclasses.replace(services, settings=settings)).test_client()
+    assert_error(client.post("/admin/pause"), 401, "unauthorized")
+    assert setting(services, "paused") == "false"
+    answer = client.post("/admin/pause", headers={"Authorization": f"Bearer {token}"})
+    assert answer.get_json() == {"paused": True}
 
 
 # --- retry and cancel ----------------------------------------------------------------------
