@@ -150,3 +150,13 @@ def count_payer(payer: str, *, refuse: bool) -> None:
     counted = Limiter.for_app().hit(_payer_key(payer), limit)
     if refuse and counted is not None and counted[0] > limit.requests:
         raise _refuse("payer", limit, counted[1])
+
+
+class PayerAllowance:
+    """The per-payer limit as intake asks for it (`mintq.intake.PayerLimit`)."""
+
+    def check(self, payer: str) -> None:
+        check_payer_before_verifying(payer)
+
+    def count(self, payer: str, *, refuse: bool) -> None:
+        count_payer(payer, refuse=refuse)

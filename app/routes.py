@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from eth_utils import is_address, to_checksum_address
@@ -13,7 +12,7 @@ from marshmallow import ValidationError
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from app import ratelimit
+from app import jsonbody, ratelimit
 from app.schemas import (
     BatchSchema,
     ConfigSchema,
@@ -21,12 +20,12 @@ from app.schemas import (
     load_callback_url,
     load_mint_request,
 )
-from mintq import eip3009, payments, queue, webhooks
-from mintq.eip3009 import Authorization
+from mintq import intake, queue, webhooks
 from mintq.errors import MintqError, PaymentRejected
 from mintq.operating import OperatingSettings
+from mintq.payments import CustomPayment, GaslessPayment, Payment, PaymentType
 from mintq.services import Services
-from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402Payment
+from mintq.x402_payments import PAYMENT_SIGNATURE, X_PAYMENT, X402Gateway, X402Mint
 
 bp = Blueprint("api", __name__)
 
@@ -82,10 +81,7 @@ def _read_json_body() -> dict[str, Any] | None:
     raw = request.get_data(cache=True)
     if not raw.strip():
         return None
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise MintqError("The body is not valid JSON.", code="invalid_json") from None
+    payload = jsonbody.loads(raw)
     if not isinstance(payload, dict):
         raise MintqError("The body must be a JSON object.", code="invalid_json")
     return payload
@@ -113,36 +109,40 @@ def get_config() -> Response:
 def post_mint() -> tuple[Response, int]:
     """Verify a payment and queue one mint for it; the same payment again returns its item."""
     ratelimit.check_client()
-    gateway = services().x402
-    if request.headers.get(PAYMENT_SIGNATURE) or request.headers.get(X_PAYMENT):
+    svc = services()
+    by_header = bool(request.headers.get(PAYMENT_SIGNATURE) or request.headers.get(X_PAYMENT))
+    refusals = _x402_refusals_repeat_requirements(svc.x402) if by_header else nullcontext()
+    with refusals:
+        payment, callback_url = _parse_payment(svc, by_header)
+        # Each statement its own transaction: the insert is durable when it returns.
+        with svc.autocommit() as connection:
+            submission = intake.submit(
+                connection, payment, ratelimit.PayerAllowance(), callback_url
+            )
+            item = submission.item
+            view = _item_view(connection, item, svc.operating(connection), new=submission.created)
+    response = jsonify(view)
+    if isinstance(payment, X402Mint):
+        name, value = svc.x402.response_header(payment.decoded, item.payer, item.payment_tx_hash)
+        response.headers[name] = value
+    return response, 202 if submission.created else 200
+
+
+def _parse_payment(svc: Services, by_header: bool) -> tuple[Payment, str | None]:
+    """The payment the request presents, and where to send its webhook."""
+    if by_header:
         callback_url = _callback_url(None)
-        with _x402_refusals_repeat_requirements(gateway):
-            payment = gateway.decode(request.headers.get)
-            assert payment is not None
-            return _x402_mint(gateway, payment, callback_url)
+        decoded = svc.x402.decode(request.headers.get)
+        assert decoded is not None
+        return X402Mint(svc.x402, decoded), callback_url
     body = _read_json_body()
     if body is None:
         raise _payment_required()
     data = load_mint_request(body)
     callback_url = _callback_url(data["callback_url"])
-    chain = services().chain
-    if data["payment_type"] == "custom":
-        tx_hash = data["tx_hash"]
-        return _queue_once(
-            lambda: payments.custom_payment_id(tx_hash),
-            lambda: payments.verify_custom(chain, tx_hash),
-            callback_url=callback_url,
-        )
-    authorization: Authorization = data["authorization"]
-    signature: bytes = data["signature"]
-    return _queue_once(
-        lambda: eip3009.payment_id(
-            chain.chain_id, chain.usdc.address, authorization.sender, authorization.nonce
-        ),
-        lambda: payments.verify_gasless(chain, authorization, signature),
-        payer=authorization.sender,
-        callback_url=callback_url,
-    )
+    if data["payment_type"] == PaymentType.CUSTOM:
+        return CustomPayment(svc.chain, data["tx_hash"]), callback_url
+    return GaslessPayment(svc.chain, data["authorization"], data["signature"]), callback_url
 
 
 def _callback_url(from_body: str | None) -> str | None:
@@ -164,84 +164,14 @@ def _x402_refusals_repeat_requirements(gateway: X402Gateway) -> Iterator[None]:
     try:
         yield
     except PaymentRejected as exc:
+        # x402 clients read any refused payment as a 402 that repeats the requirements; the
+        # code is the one a gasless presentation of the same authorization gets.
+        if exc.status == 422:
+            exc.status = 402
         headers, body = gateway.payment_required(request.url, exc.message)
         exc.headers.update(headers)
         exc.body.update(body)
         raise
-
-
-def _x402_mint(
-    gateway: X402Gateway, payment: X402Payment, callback_url: str | None
-) -> tuple[Response, int]:
-    """Queue an x402 payment (or, with a facilitator, settle it and queue the mint)."""
-    auth = payment.authorization
-    if gateway.facilitator_url:
-        # Settling moves the money: an authorization already queued is never settled again.
-        existing = queue.find_by_authorization(db(), auth.sender, auth.nonce)
-        if existing is not None:
-            response, status = jsonify(_item_view(db(), existing, services().operating(db()))), 200
-        else:
-            response, status = _queue_once(
-                None,
-                lambda: gateway.verify_and_settle(payment),
-                payer=auth.sender,
-                callback_url=callback_url,
-                settles=True,
-            )
-    else:
-        response, status = _queue_once(
-            lambda: gateway.payment_id(payment),
-            lambda: gateway.verify(payment),
-            payer=auth.sender,
-            callback_url=callback_url,
-        )
-    item = response.get_json()
-    name, value = gateway.response_header(
-        payment, item["payer"], item["paymentId"] if gateway.facilitator_url else None
-    )
-    response.headers[name] = value
-    return response, status
-
-
-def _queue_once(
-    payment_id: Callable[[], str] | None,
-    verify: Callable[[], payments.VerifiedPayment],
-    *,
-    payer: str | None = None,
-    callback_url: str | None = None,
-    settles: bool = False,
-) -> tuple[Response, int]:
-    """202 with a new item for a verified payment; 200 with the existing item for a repeat
-    (`payment_id` computes the id a repeat would have been queued under).
-
-        Verification comes first, and Postgres is asked whether the payment is already queued
-        only where that changes the answer: a repeat is answered with its item even when it
-        would now be refused (over a rate limit; an authorization its own batch has since
-        settled), and the insert finds it when it verifies again. A new payment costs one
-        statement.
-
-        The payer's rate limit: a `payer` known before verification (an authorization's `from`)
-        over its limit is refused before any chain call; every verified request counts, and is
-        refused over the limit unless verifying it already moved the money (`settles`).
-    """
-    svc = services()
-    # One statement at a time, each its own transaction: the insert is durable when it
-    # returns.
-    with svc.autocommit() as connection:
-        try:
-            if payer is not None:
-                ratelimit.check_payer_before_verifying(payer)
-            payment = verify()
-            ratelimit.count_payer(payment.payer, refuse=not settles)
-        except (PaymentRejected, ratelimit.RateLimited):
-            repeated = queue.find_row(connection, payment_id()) if payment_id else None
-            if repeated is None:
-                raise
-            item, created = repeated, False
-        else:
-            item, created = queue.enqueue_row(connection, payment, callback_url)
-        view = _item_view(connection, item, svc.operating(connection), new=created)
-    return jsonify(view), 202 if created else 200
 
 
 @bp.get("/queue/item/<queue_id>")

@@ -17,7 +17,7 @@ from app.schemas import load_mint_request
 from bench.harness import PRICE, BenchEnv, bench_env
 from deploy.pay import pay_usdc
 from mintq import batching, queue
-from mintq.payments import verify_custom, verify_gasless
+from mintq.payments import GaslessPayment, verify_custom
 
 
 def queue_payments(env: BenchEnv, custom: int, gasless: int) -> None:
@@ -30,7 +30,8 @@ def queue_payments(env: BenchEnv, custom: int, gasless: int) -> None:
         for _ in range(gasless):
             data = load_mint_request(env.sign_gasless(env.new_payer(PRICE)))
             queue.enqueue(
-                session, verify_gasless(minter.chain, data["authorization"], data["signature"])
+                session,
+                GaslessPayment(minter.chain, data["authorization"], data["signature"]).verify(),
             )
         session.commit()
 

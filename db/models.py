@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -33,11 +34,39 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-QUEUE_STATUSES = ("pending", "processing", "completed", "failed")
-PAYMENT_TYPES = ("custom", "gasless", "x402")
-# signed: written ahead, not yet broadcast; sent: broadcast, waiting for confirmations;
-# confirmed / reverted: final on chain; failed: never mined (its items went back to the queue).
-BATCH_STATUSES = ("signed", "sent", "confirmed", "reverted", "failed")
+
+class QueueStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class PaymentType(StrEnum):
+    """How a payment was presented; its id does not depend on it (`mintq.payments`)."""
+
+    CUSTOM = "custom"
+    GASLESS = "gasless"
+    X402 = "x402"
+
+
+class BatchStatus(StrEnum):
+    """signed: written ahead, not yet broadcast; sent: broadcast, waiting for confirmations;
+    confirmed / reverted: final on chain; failed: never mined (its items went back)."""
+
+    SIGNED = "signed"
+    SENT = "sent"
+    CONFIRMED = "confirmed"
+    REVERTED = "reverted"
+    FAILED = "failed"
+
+
+# A batch whose transaction may still be mined: its nonce and its items are spoken for.
+BATCH_IN_FLIGHT = (BatchStatus.SIGNED, BatchStatus.SENT)
+
+QUEUE_STATUSES = tuple(s.value for s in QueueStatus)
+PAYMENT_TYPES = tuple(t.value for t in PaymentType)
+BATCH_STATUSES = tuple(s.value for s in BatchStatus)
 
 Uint256 = Numeric(78, 0)
 
@@ -189,8 +218,21 @@ class MintHistory(Base):
     completed_at: Mapped[datetime] = _created_at()
 
 
-TX_KINDS = ("batch", "replacement", "filler")
-TX_STATUSES = ("signed", "sent", "mined", "failed")
+class TxKind(StrEnum):
+    BATCH = "batch"
+    REPLACEMENT = "replacement"
+    FILLER = "filler"
+
+
+class TxStatus(StrEnum):
+    SIGNED = "signed"
+    SENT = "sent"
+    MINED = "mined"
+    FAILED = "failed"
+
+
+TX_KINDS = tuple(k.value for k in TxKind)
+TX_STATUSES = tuple(s.value for s in TxStatus)
 
 
 class WalletTransaction(Base):

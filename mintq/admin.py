@@ -17,13 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import BatchMint, MintQueueItem, SystemSetting, WalletTransaction
+from db.models import BATCH_IN_FLIGHT, BatchMint, MintQueueItem, SystemSetting, WalletTransaction
 from mintq.errors import MintqError
 from mintq.operating import parse_setting
 
 CANCELLED = "cancelled by an operator"
 # Batches whose transaction may still mine: their items must not be queued a second time.
-IN_FLIGHT = ("signed", "sent")
 MAX_BATCHES = 500
 
 
@@ -88,7 +87,7 @@ def retry_item(
         batch_status = session.scalar(
             select(BatchMint.status).where(BatchMint.batch_id == item.batch_id)
         )
-        if batch_status in IN_FLIGHT:
+        if batch_status in BATCH_IN_FLIGHT:
             raise _refused(
                 item,
                 "batch_in_flight",

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
-from db.models import BatchMint, MintHistory, MintQueueItem
+from db.models import BATCH_IN_FLIGHT, BatchMint, MintHistory, MintQueueItem
 from mintq import events, positions
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
@@ -55,7 +55,6 @@ __all__ = ["LostLock", "Minter", "NonceLock", "confirm_batch", "process_queue"]
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = ("signed", "sent")
 ZERO_ADDRESS = "0x" + "00" * 20
 # Gas per item assumed until confirmed batches have measured it (a settle-and-mint item).
 DEFAULT_GAS_PER_ITEM = 100_000
@@ -124,7 +123,7 @@ def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
 
 def _batch_due(session: Session, ops: OperatingSettings) -> bool:
     in_flight = session.scalar(
-        select(func.count()).select_from(BatchMint).where(BatchMint.status.in_(IN_FLIGHT))
+        select(func.count()).select_from(BatchMint).where(BatchMint.status.in_(BATCH_IN_FLIGHT))
     )
     if (in_flight or 0) >= ops.max_in_flight:
         return False
@@ -386,7 +385,7 @@ def confirm_batch(minter: Minter, batch_id: uuid.UUID) -> ConfirmResult:
     w3 = chain.w3
     with minter.sessions() as session:
         batch = session.get(BatchMint, batch_id)
-        if batch is None or batch.status not in IN_FLIGHT:
+        if batch is None or batch.status not in BATCH_IN_FLIGHT:
             return ConfirmResult("done", batch_id)
         nonce = batch.nonce
         # The original and every replacement: a receipt for any of them settles the nonce.
@@ -417,7 +416,7 @@ def confirm_batch(minter: Minter, batch_id: uuid.UUID) -> ConfirmResult:
 
 def _locked_batch(session: Session, batch_id: uuid.UUID) -> BatchMint | None:
     batch = session.get(BatchMint, batch_id, with_for_update=True)
-    return batch if batch is not None and batch.status in IN_FLIGHT else None
+    return batch if batch is not None and batch.status in BATCH_IN_FLIGHT else None
 
 
 def _batch_items(session: Session, batch_id: uuid.UUID) -> list[MintQueueItem]:

@@ -1,14 +1,30 @@
-"""Payment verification: turns what a client presents into a verified, attributable payment."""
+"""Payments: what identifies one movement of money, and how each way of presenting a payment
+is verified against the chain.
+
+A payment's id follows the money, not the way it was presented:
+
+- an EIP-3009 authorization is `(chain, USDC, from, nonce)`, whether it arrives as gasless
+  JSON, an x402 header, or is found on chain in any transaction that used it (a relayer's, a
+  facilitator's, mintq's own batch);
+- a plain USDC transfer, with no authorization behind it, is `(chain, USDC, tx, log index)`.
+
+The database's unique key and `MintToken.minted` both dedupe this id, so one payment can be
+queued and minted once, however many ways it is presented.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from eth_abi import encode as abi_encode
 from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception
 
+from db.models import PaymentType
 from mintq import eip3009
 from mintq.chain import Chain, chain_errors, decode_transfers
 from mintq.eip3009 import Authorization
@@ -16,12 +32,35 @@ from mintq.errors import DependencyUnavailable, PaymentRejected
 from mintq.settings import Settings
 
 
+def authorization_id(chain_id: int, usdc: str, sender: str, nonce: bytes) -> str:
+    """The id of the payment an EIP-3009 authorization makes: `keccak256(abi.encode(chainId,
+    usdc, from, nonce))`, which `MintToken` computes on chain for the items it settles."""
+    return eip3009.payment_id(chain_id, usdc, sender, nonce)
+
+
+# Tags transfer ids so that no transfer id can equal an authorization id.
+_TRANSFER_TAG = keccak(text="mintq.payment.transfer")
+
+
+def transfer_id(chain_id: int, usdc: str, tx_hash: str, log_index: int) -> str:
+    """The id of a plain USDC transfer (no authorization): its chain, transaction and log."""
+    return (
+        "0x"
+        + eip3009.keccak256(
+            abi_encode(
+                ["bytes32", "uint256", "address", "bytes32", "uint256"],
+                [_TRANSFER_TAG, chain_id, usdc, bytes.fromhex(tx_hash[2:]), log_index],
+            )
+        ).hex()
+    )
+
+
 @dataclass(frozen=True)
 class VerifiedPayment:
     """A payment that was checked against the chain and may be queued for one mint."""
 
     payment_id: str
-    payment_type: str
+    payment_type: PaymentType
     payer: str
     recipient: str
     amount: int
@@ -31,21 +70,91 @@ class VerifiedPayment:
     settle_deadline: int | None = None
 
 
-def custom_payment_id(tx_hash: str) -> str:
-    """A plain transfer is identified by its transaction hash, accepted once per chain."""
-    return tx_hash.lower()
+class Payment(Protocol):
+    """A payment as a client presented it, before verification.
+
+    `payment_id` and `payer` are what is known without asking the chain (None when only the
+    chain can tell); `settles` is true when verifying moves the money (a remote facilitator);
+    `verify()` checks it against the chain and raises `PaymentRejected` when it does not pay.
+    """
+
+    @property
+    def payment_id(self) -> str | None: ...
+
+    @property
+    def payer(self) -> str | None: ...
+
+    @property
+    def settles(self) -> bool: ...
+
+    def verify(self) -> VerifiedPayment: ...
+
+
+# --- money on chain: which transfers in a receipt paid us, and how -----------------------------
+
+AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
+TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
+
+
+@dataclass(frozen=True)
+class Movement:
+    """One USDC transfer to `payTo` in a receipt. `nonce` is set when the transfer is the one
+    an EIP-3009 authorization made: USDC emits `AuthorizationUsed(from, nonce)` immediately
+    before that authorization's `Transfer(from, to, value)`."""
+
+    sender: str
+    value: int
+    log_index: int
+    nonce: bytes | None
+
+
+def _hex_bytes(value: Any) -> bytes:
+    return bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else bytes(value)
+
+
+def _int(value: Any) -> int:
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+def movements_to(logs: Sequence[Any], usdc: str, pay_to: str) -> list[Movement]:
+    """The USDC transfers to `pay_to` in a receipt's `logs` (web3's or raw JSON-RPC's), each
+    tied to the authorization that made it, if any."""
+    movements = []
+    previous: tuple[str, bytes] | None = None  # the (authorizer, nonce) of the log just before
+    for log in logs:
+        topics = [_hex_bytes(t) for t in log["topics"]]
+        if to_checksum_address(log["address"]) != usdc or not topics:
+            previous = None
+            continue
+        if topics[0] == AUTHORIZATION_USED_TOPIC and len(topics) == 3:
+            previous = (to_checksum_address(topics[1][-20:]), topics[2])
+            continue
+        authorized, previous = previous, None
+        if topics[0] != TRANSFER_TOPIC or len(topics) != 3:
+            continue
+        sender, to = to_checksum_address(topics[1][-20:]), to_checksum_address(topics[2][-20:])
+        data = _hex_bytes(log["data"])
+        if to != pay_to or len(data) != 32:
+            continue
+        nonce = authorized[1] if authorized is not None and authorized[0] == sender else None
+        movements.append(
+            Movement(sender, int.from_bytes(data, "big"), _int(log["logIndex"]), nonce)
+        )
+    return movements
 
 
 def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
     """Check a USDC transfer to `payTo` by its transaction hash.
 
-    Only Transfer logs emitted by the configured USDC contract count (a look-alike token's
-    events are ignored), the receipt must have succeeded and be buried under the configured
-    confirmations in a canonical block, and whoever submits the hash, the tokens go to the
-    account that sent the money.
+    Only logs of the configured USDC count (a look-alike token's events are ignored), the
+    receipt must have succeeded and be buried under the configured confirmations in a
+    canonical block, and whoever submits the hash, the tokens go to the account that paid.
+    A transfer made by an EIP-3009 authorization is that authorization's payment: the same
+    money as when the authorization itself is presented.
     """
     settings = chain.settings
     w3 = chain.w3
+    tx_hash = tx_hash.lower()
     receipt, head_hex = chain.rpc(
         [("eth_getTransactionReceipt", [tx_hash]), ("eth_blockNumber", [])]
     )
@@ -76,30 +185,34 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
     if block is None or block["hash"].lower() != receipt["blockHash"].lower():
         raise _not_confirmed(tx_hash, 0, settings.confirmations)
 
-    transfers = decode_transfers(list(receipt["logs"]))
     usdc = chain.usdc.address
-    to_pay_to = [t for t in transfers if t.to == settings.pay_to]
-    paid = [t for t in to_pay_to if t.token == usdc]
-    if not paid:
-        if to_pay_to:
-            raise PaymentRejected(
-                "The transaction pays with a token that is not the accepted USDC.",
-                code="wrong_token",
-                details={"expected": usdc, "found": sorted({t.token for t in to_pay_to})},
-            )
-        raise PaymentRejected(
-            "The transaction contains no USDC transfer to the payment address.",
-            code="wrong_recipient",
-            details={"payTo": settings.pay_to},
-        )
-    senders = {t.sender for t in paid}
+    movements = movements_to(receipt["logs"], usdc, settings.pay_to)
+    if not movements:
+        _refuse_no_payment(receipt["logs"], usdc, settings.pay_to)
+    senders = {m.sender for m in movements}
     if len(senders) > 1:
         raise PaymentRejected(
             "The transaction pays from several accounts; send one transfer per mint.",
             code="ambiguous_payer",
             details={"senders": sorted(senders)},
         )
-    amount = sum(t.value for t in paid)
+    payer = senders.pop()
+    authorized = [m for m in movements if m.nonce is not None]
+    if authorized and len(authorized) != len(movements):
+        raise PaymentRejected(
+            "The transaction pays both by authorization and by plain transfer from one payer, "
+            "so it cannot be told which payment this is.",
+            code="mixed_payment",
+            details={"payer": payer},
+        )
+    if len(authorized) > 1:
+        raise PaymentRejected(
+            "The transaction settles several authorizations of this payer; present each "
+            "authorization as a gasless payment instead.",
+            code="ambiguous_payment",
+            details={"nonces": ["0x" + m.nonce.hex() for m in authorized if m.nonce]},
+        )
+    amount = sum(m.value for m in movements)
     if amount < settings.price:
         raise PaymentRejected(
             "The transfer is less than the price of a mint.",
@@ -107,14 +220,34 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
             status=402,
             details={"paid": str(amount), "price": str(settings.price)},
         )
-    payer = senders.pop()
+    first = movements[0]
+    payment_id = (
+        authorization_id(chain.chain_id, usdc, payer, first.nonce)
+        if first.nonce is not None
+        else transfer_id(chain.chain_id, usdc, tx_hash, first.log_index)
+    )
     return VerifiedPayment(
-        payment_id=custom_payment_id(tx_hash),
-        payment_type="custom",
+        payment_id=payment_id,
+        payment_type=PaymentType.CUSTOM,
         payer=payer,
         recipient=payer,
         amount=amount,
-        payment_tx_hash=tx_hash.lower(),
+        payment_tx_hash=tx_hash,
+    )
+
+
+def _refuse_no_payment(logs: Sequence[Any], usdc: str, pay_to: str) -> None:
+    to_pay_to = {t.token for t in decode_transfers(list(logs)) if t.to == pay_to}
+    if to_pay_to:
+        raise PaymentRejected(
+            "The transaction pays with a token that is not the accepted USDC.",
+            code="wrong_token",
+            details={"expected": usdc, "found": sorted(to_pay_to)},
+        )
+    raise PaymentRejected(
+        "The transaction contains no USDC transfer to the payment address.",
+        code="wrong_recipient",
+        details={"payTo": pay_to},
     )
 
 
@@ -130,6 +263,9 @@ def _not_confirmed(tx_hash: str, confirmations: int, required: int) -> PaymentRe
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
 AUTHORIZATION_STATE = keccak(text="authorizationState(address,bytes32)")[:4]
 BALANCE_OF = keccak(text="balanceOf(address)")[:4]
+TRANSFER_WITH_AUTHORIZATION = keccak(
+    text="transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+)[:4]
 ERC1271_ABI = [
     {
         "type": "function",
@@ -141,51 +277,76 @@ ERC1271_ABI = [
 ]
 
 
-def verify_gasless(
+def settlement_call(authorization: Authorization, signature: bytes) -> bytes:
+    """USDC's `transferWithAuthorization` calldata, with the signature bytes a batch sends."""
+    # A contract wallet's (ERC-1271) signature goes as it is.
+    with suppress(eip3009.InvalidSignature):
+        signature = eip3009.normalize_signature(signature)
+    return TRANSFER_WITH_AUTHORIZATION + abi_encode(
+        ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"],
+        [
+            authorization.sender,
+            authorization.to,
+            authorization.value,
+            authorization.valid_after,
+            authorization.valid_before,
+            authorization.nonce,
+            signature,
+        ],
+    )
+
+
+def verify_authorization(
     chain: Chain,
     authorization: Authorization,
     signature: bytes,
     *,
-    payment_type: str = "gasless",
+    payment_type: PaymentType,
+    payload: dict[str, Any] | None = None,
     now: float | None = None,
 ) -> VerifiedPayment:
-    """Check an EIP-3009 authorization that the nonce owner will settle with the mint.
+    """Check an EIP-3009 authorization: the one verification of gasless and x402 payments.
 
     Everything that needs no chain access is checked first (recipient, amount, time window,
-    signature), then the chain: the nonce must be unused and the payer must hold the money.
+    signature), then, in one round trip: whether the nonce is used, the payer's balance, and a
+    simulated `transferWithAuthorization`, so a payment USDC would refuse (a blacklisted
+    payer, USDC paused) is refused now, before it is queued. An authorization someone already
+    submitted is a payment like any other if its transfer paid us.
     """
     settings = chain.settings
     now = time.time() if now is None else now
-    domain = chain.usdc_domain
     if authorization.to != settings.pay_to:
         raise PaymentRejected(
             "The authorization pays someone other than the payment address.",
             code="wrong_recipient",
             details={"payTo": settings.pay_to, "to": authorization.to},
         )
-    if authorization.value < settings.price:
+    if authorization.value != settings.price:
         raise PaymentRejected(
-            "The authorized value is less than the price of a mint.",
-            code="insufficient_payment",
+            "The authorized value must be exactly the price of a mint.",
+            code="wrong_amount",
             status=402,
-            details={"paid": str(authorization.value), "price": str(settings.price)},
+            details={"value": str(authorization.value), "price": str(settings.price)},
         )
     check_validity_window(settings, authorization, now)
     digest = authorization.digest(chain.usdc_domain_separator)
-    _check_signature(chain, authorization.sender, digest, signature, domain)
+    _check_signature(chain, authorization.sender, digest, signature, chain.usdc_domain)
 
+    usdc = chain.usdc.address
     sender_word = bytes(12) + bytes.fromhex(authorization.sender[2:])
-    used_word, balance_word = chain.eth_calls(
+    settle = settlement_call(authorization, signature)
+    used_hex, balance_hex, simulated = chain.rpc(
         [
-            (chain.usdc.address, AUTHORIZATION_STATE + sender_word + authorization.nonce),
-            (chain.usdc.address, BALANCE_OF + sender_word),
+            _eth_call(usdc, AUTHORIZATION_STATE + sender_word + authorization.nonce),
+            _eth_call(usdc, BALANCE_OF + sender_word),
+            _eth_call(usdc, settle),
         ]
     )
-    used, balance = int.from_bytes(used_word, "big"), int.from_bytes(balance_word, "big")
+    if used_hex is None or balance_hex is None:
+        raise DependencyUnavailable("chain", "the node could not read USDC")
+    used, balance = int(used_hex, 16), int(balance_hex, 16)
     settled_by = None
     if used:
-        # Anyone may submit an authorization. If it paid us, it is a payment like any other;
-        # if it was cancelled or spent elsewhere, it pays for nothing.
         settled_by = find_settlement(chain, authorization)
         if settled_by is None:
             raise PaymentRejected(
@@ -201,37 +362,64 @@ def verify_gasless(
             status=402,
             details={"balance": str(balance), "value": str(authorization.value)},
         )
+    elif simulated is None:
+        raise PaymentRejected(
+            "USDC would refuse to settle this authorization.",
+            code="settlement_would_fail",
+            status=402,
+            details={"reason": _settlement_refusal(chain, settle)},
+        )
     return VerifiedPayment(
-        payment_id=eip3009.payment_id(
-            chain.chain_id, chain.usdc.address, authorization.sender, authorization.nonce
+        payment_id=authorization_id(
+            chain.chain_id, usdc, authorization.sender, authorization.nonce
         ),
         payment_type=payment_type,
         payer=authorization.sender,
         recipient=authorization.sender,
         amount=authorization.value,
         payment_tx_hash=settled_by,
-        payload={"authorization": authorization.as_json(), "signature": "0x" + signature.hex()},
+        payload={
+            "authorization": authorization.as_json(),
+            "signature": "0x" + signature.hex(),
+            **(payload or {}),
+        },
         # Already settled on chain: nothing left to settle, so no deadline.
         settle_deadline=None if settled_by else authorization.valid_before,
     )
 
 
-AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
+def _eth_call(to: str, data: bytes) -> tuple[str, list[Any]]:
+    return "eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"]
+
+
+def _settlement_refusal(chain: Chain, calldata: bytes) -> str:
+    """USDC's reason for refusing a settlement, asked again only when it refused."""
+    try:
+        chain.call(lambda: chain.w3.eth.call({"to": chain.usdc.address, "data": calldata}))
+    except ContractLogicError as exc:
+        data = exc.data if isinstance(exc.data, str) else ""
+        reason = bytes.fromhex(data.removeprefix("0x")) if data.startswith("0x") else b""
+        return eip3009.describe_settlement_failure(reason) if reason else str(exc.message)
+    except Web3Exception as exc:
+        return str(exc)
+    return "settlement reverted"
 
 
 def find_settlement(chain: Chain, authorization: Authorization) -> str | None:
     """The hash of the transaction that settled `authorization` to `payTo`, if there is one.
 
-    `AuthorizationUsed(from, nonce)` marks the transaction; its receipt must hold the USDC
-    Transfer of `value` from the payer to `payTo` (a cancelled authorization has none).
+    `AuthorizationUsed(from, nonce)` marks the transaction; the Transfer USDC emitted for it
+    must be the authorization's own (`value`, from the payer to `payTo`). A cancelled
+    authorization, or one that paid someone else, paid us nothing.
     """
     settings = chain.settings
     w3 = chain.w3
+    usdc = chain.usdc.address
     with chain_errors():
         head = w3.eth.block_number
         logs = w3.eth.get_logs(
             {
-                "address": chain.usdc.address,
+                "address": usdc,
                 "fromBlock": max(0, head - settings.log_lookback_blocks),
                 "toBlock": head,
                 "topics": [
@@ -243,12 +431,11 @@ def find_settlement(chain: Chain, authorization: Authorization) -> str | None:
         )
         for log in logs:
             receipt = w3.eth.get_transaction_receipt(log["transactionHash"])
-            for transfer in decode_transfers(list(receipt["logs"])):
+            for movement in movements_to(receipt["logs"], usdc, settings.pay_to):
                 if (
-                    transfer.token == chain.usdc.address
-                    and transfer.sender == authorization.sender
-                    and transfer.to == settings.pay_to
-                    and transfer.value == authorization.value
+                    movement.sender == authorization.sender
+                    and movement.nonce == authorization.nonce
+                    and movement.value == authorization.value
                 ):
                     return "0x" + bytes(log["transactionHash"]).hex()
     return None
@@ -303,3 +490,65 @@ def _check_signature(
         code="signature_invalid",
         details={"domain": domain.as_dict(), "from": signer},
     )
+
+
+# --- the ways a payment is presented -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CustomPayment:
+    """A USDC transfer already on chain, presented by its transaction hash: only the receipt
+    tells whose payment it is and which."""
+
+    chain: Chain
+    tx_hash: str
+    payment_id: str | None = None
+    payer: str | None = None
+    settles: bool = False
+
+    def verify(self) -> VerifiedPayment:
+        return verify_custom(self.chain, self.tx_hash)
+
+
+@dataclass(frozen=True)
+class GaslessPayment:
+    """An EIP-3009 authorization posted as JSON, settled by the nonce owner with the mint."""
+
+    chain: Chain
+    authorization: Authorization
+    signature: bytes
+    settles: bool = False
+
+    @property
+    def payment_id(self) -> str:
+        auth = self.authorization
+        return authorization_id(
+            self.chain.chain_id, self.chain.usdc.address, auth.sender, auth.nonce
+        )
+
+    @property
+    def payer(self) -> str:
+        return self.authorization.sender
+
+    def verify(self) -> VerifiedPayment:
+        return verify_authorization(
+            self.chain, self.authorization, self.signature, payment_type=PaymentType.GASLESS
+        )
+
+
+def identify_transfer(chain: Chain, tx_hash: str, payer: str) -> str:
+    """The canonical id of `payer`'s payment in a transaction already accepted as custom (for
+    rows queued before ids followed the money): its authorization's id if one made the
+    transfer, else the id of its first transfer to `payTo`."""
+    receipt = chain.call(lambda: chain.w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
+    movements = [
+        m
+        for m in movements_to(receipt["logs"], chain.usdc.address, chain.settings.pay_to)
+        if m.sender == payer
+    ]
+    if not movements:
+        raise ValueError(f"{tx_hash} holds no USDC transfer from {payer} to payTo")
+    first = movements[0]
+    if first.nonce is not None and all(m.nonce is not None for m in movements):
+        return authorization_id(chain.chain_id, chain.usdc.address, payer, first.nonce)
+    return transfer_id(chain.chain_id, chain.usdc.address, tx_hash.lower(), first.log_index)

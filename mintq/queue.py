@@ -9,16 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import psycopg2
-import psycopg2.errors
 from marshmallow import Schema, fields
-from psycopg2.extras import Json
 from redis import Redis
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Table,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -30,17 +28,11 @@ from sqlalchemy.orm import Session
 
 from db.models import BatchMint, HotWallet, MintQueueItem
 from mintq import positions
-from mintq.errors import DependencyUnavailable, MintqError
+from mintq.errors import MintqError
 from mintq.operating import OperatingSettings
 from mintq.payments import VerifiedPayment
 
 _ITEMS: Table = MintQueueItem.__table__  # type: ignore[assignment]
-
-
-def find_by_payment_id(session: Session, payment_id: str) -> MintQueueItem | None:
-    return session.scalars(
-        select(MintQueueItem).where(MintQueueItem.payment_id == payment_id)
-    ).one_or_none()
 
 
 class ItemRow(NamedTuple):
@@ -52,6 +44,7 @@ class ItemRow(NamedTuple):
     payment_type: str
     payer: str
     recipient: str
+    payment_tx_hash: str | None
     batch_id: uuid.UUID | None
     mint_tx_hash: str | None
     retry_count: int
@@ -65,82 +58,38 @@ class ItemRow(NamedTuple):
 # An ORM item or a row of `mint_queue` (intake reads rows): what views and positions read.
 QueueItem = MintQueueItem | ItemRow
 
-# Intake runs two statements per request, as plain SQL on the DBAPI cursor: building,
-# caching and processing a SQLAlchemy statement costs more CPU than Postgres takes to run it.
-# Each is a server-side prepared statement on its connection: Postgres parses and plans it
-# once per connection instead of on every request (about a quarter of the CPU an insert costs
-# it). Named prepared statements need a session of their own: a pooler in front of Postgres
-# must run in session mode.
-_ROW_COLUMNS = ", ".join(ItemRow._fields)
-_INSERT_COLUMNS = (
-    "payment_id",
-    "payment_type",
-    "payer",
-    "recipient",
-    "amount_paid",
-    "payment_tx_hash",
-    "payment_payload",
-    "settle_deadline",
-    "callback_url",
+_ROW = select(*(_ITEMS.c[name] for name in ItemRow._fields))
+_FIND = _ROW.where(_ITEMS.c.payment_id == bindparam("payment_id"))
+# The unique payment id decides: concurrent submissions of one payment on several API
+# replicas make one row, and the statement that made it is the one that returns it.
+_INSERT = (
+    insert(_ITEMS)
+    .on_conflict_do_nothing(index_elements=[_ITEMS.c.payment_id])
+    .returning(*(_ITEMS.c[name] for name in ItemRow._fields))
 )
-_PREPARED = {
-    "mintq_find_row": f"SELECT {_ROW_COLUMNS} FROM mint_queue WHERE payment_id = $1",
-    "mintq_enqueue_row": (
-        f"INSERT INTO mint_queue ({', '.join(_INSERT_COLUMNS)})"
-        f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_INSERT_COLUMNS)))})"
-        f" ON CONFLICT (payment_id) DO NOTHING RETURNING {_ROW_COLUMNS}"
-    ),
-}
-# How each is run: one psycopg2 placeholder per `$n` parameter of the statement.
-_EXECUTE = {
-    name: f"EXECUTE {name} ({', '.join(['%s'] * sql.count('$'))})"
-    for name, sql in _PREPARED.items()
-}
-# Where a connection records that its statements are prepared (SQLAlchemy keeps `info` with
-# the DBAPI connection for as long as the pool does).
-_PREPARED_KEY = "mintq.intake_prepared"
 
 
-def _prepare(connection: Connection, cursor: Any, *, again: bool = False) -> None:
-    if again:
-        cursor.execute("DEALLOCATE ALL")  # only intake prepares statements on this pool
-    for name, sql in _PREPARED.items():
-        cursor.execute(f"PREPARE {name} AS {sql}")
-    connection.info[_PREPARED_KEY] = True
+def _one(db: Session | Connection, statement: Any, params: dict[str, Any]) -> ItemRow | None:
+    row = db.execute(statement, params).one_or_none()
+    return None if row is None else ItemRow._make(row)
 
 
-def _fetch_row(connection: Connection, statement: str, params: tuple[Any, ...]) -> ItemRow | None:
-    """Run one of intake's prepared statements (autocommit) and return its row, if any."""
-    cursor = connection.connection.cursor()
-    try:
-        if _PREPARED_KEY not in connection.info:
-            _prepare(connection, cursor)
-        try:
-            cursor.execute(_EXECUTE[statement], params)
-        except (psycopg2.errors.InvalidSqlStatementName, psycopg2.errors.FeatureNotSupported):
-            # Gone (a `DISCARD ALL`), or its plan no longer fits the table (a migration changed
-            # a column it returns): prepare again, once.
-            _prepare(connection, cursor, again=True)
-            cursor.execute(_EXECUTE[statement], params)
-        values = cursor.fetchone()
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        # What SQLAlchemy would do: the pool discards the connection, the client gets a 503.
-        connection.invalidate()
-        raise DependencyUnavailable("database") from exc
-    finally:
-        cursor.close()
-    return None if values is None else ItemRow._make(values)
+def find(db: Session | Connection, payment_id: str) -> ItemRow | None:
+    """The item queued for a payment id, if there is one."""
+    return _one(db, _FIND, {"payment_id": payment_id})
 
 
-def find_row(connection: Connection, payment_id: str) -> ItemRow | None:
-    """The item for a payment id as a plain row (intake: no ORM on the hot path)."""
-    return _fetch_row(connection, "mintq_find_row", (payment_id,))
+def enqueue(
+    db: Session | Connection, payment: VerifiedPayment, callback_url: str | None = None
+) -> tuple[ItemRow, bool]:
+    """Queue a verified payment once: the item, and whether this call created it.
 
-
-def _values(payment: VerifiedPayment, callback_url: str | None) -> dict[str, Any]:
-    return {
+    Intake runs it on an autocommit connection, where the insert is durable when it returns
+    and a new payment costs one statement. A repeat keeps the first request's `callback_url`.
+    """
+    values = {
         "payment_id": payment.payment_id,
-        "payment_type": payment.payment_type,
+        "payment_type": str(payment.payment_type),
         "payer": payment.payer,
         "recipient": payment.recipient,
         "amount_paid": payment.amount,
@@ -153,54 +102,12 @@ def _values(payment: VerifiedPayment, callback_url: str | None) -> dict[str, Any
         ),
         "callback_url": callback_url,
     }
-
-
-def enqueue(
-    session: Session, payment: VerifiedPayment, callback_url: str | None = None
-) -> tuple[MintQueueItem, bool]:
-    """Queue a verified payment once. Returns the item and whether this call created it.
-
-    The unique payment id decides, so concurrent submissions of one payment on several
-    API replicas still make a single row. A repeat keeps the first request's `callback_url`.
-    """
-    item = session.scalars(
-        insert(MintQueueItem)
-        .values(_values(payment, callback_url))
-        .on_conflict_do_nothing(index_elements=[MintQueueItem.payment_id])
-        .returning(MintQueueItem)
-    ).one_or_none()
-    if item is not None:
-        return item, True
-    item = find_by_payment_id(session, payment.payment_id)
-    assert item is not None  # the conflicting writer committed it
-    return item, False
-
-
-def enqueue_row(
-    connection: Connection, payment: VerifiedPayment, callback_url: str | None = None
-) -> tuple[ItemRow, bool]:
-    """`enqueue` as one statement on an autocommit connection, returning a plain row: the
-    intake hot path, where the ORM and a separate COMMIT cost more than the insert."""
-    values = _values(payment, callback_url)
-    if values["payment_payload"] is not None:
-        values["payment_payload"] = Json(values["payment_payload"])
-    row = _fetch_row(connection, "mintq_enqueue_row", tuple(values[c] for c in _INSERT_COLUMNS))
+    row = _one(db, _INSERT, values)
     if row is not None:
         return row, True
-    row = find_row(connection, payment.payment_id)
+    row = find(db, payment.payment_id)
     assert row is not None  # the conflicting writer committed it
     return row, False
-
-
-def find_by_authorization(session: Session, sender: str, nonce: bytes) -> MintQueueItem | None:
-    """The item queued for an EIP-3009 authorization, whatever its payment id."""
-    return session.scalars(
-        select(MintQueueItem).where(
-            MintQueueItem.payment_payload.contains(
-                {"authorization": {"from": sender, "nonce": "0x" + nonce.hex()}}
-            )
-        )
-    ).first()
 
 
 def parse_queue_id(raw: str) -> uuid.UUID:

@@ -28,13 +28,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from web3.exceptions import Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
-from db.models import BatchMint, HotWallet, WalletTransaction
+from db.models import BatchMint, HotWallet, TxStatus, WalletTransaction
 from mintq.chain import Chain
 from mintq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LIVE = ("signed", "sent")
+LIVE = (TxStatus.SIGNED, TxStatus.SENT)
 # Nodes refuse a replacement that does not raise both fees by at least 10% (geth) or 12.5%.
 REPLACEMENT_BUMP_PERCENT = 125  # per mille above 1000: x1.125
 # Answers to a broadcast that mean the nonce is already taken: by this very transaction (the

@@ -1,18 +1,17 @@
 """x402 payments through the official SDK: v2 `PAYMENT-SIGNATURE` and v1 `X-PAYMENT`.
 
-The SDK parses the headers and verifies the `exact` EVM payload (signature, amount, recipient,
-time window, and a simulated `transferWithAuthorization`). By default nothing is settled here:
-the verified authorization joins the queue and the nonce owner settles it in the mint's own
-transaction. With `FACILITATOR_URL` set, a remote facilitator verifies and settles at once
-and only the mint is queued.
+The SDK parses and writes the headers. The authorization inside is verified exactly as a
+gasless one is (`payments.verify_authorization`), so both give the same answer for the same
+authorization, and it is the same payment (`(chain, USDC, from, nonce)`). By default nothing
+is settled here: the authorization joins the queue and the nonce owner settles it in the
+mint's own transaction. With `FACILITATOR_URL` set, a remote facilitator also verifies it and
+settles it at once, and only the mint is queued.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -24,7 +23,6 @@ from x402 import (
     PaymentRequirements,
     ResourceInfo,
     SettleResponse,
-    x402FacilitatorSync,
 )
 from x402.http import (
     FacilitatorConfig,
@@ -33,16 +31,19 @@ from x402.http import (
     encode_payment_required_header,
     encode_payment_response_header,
 )
-from x402.mechanisms.evm import FacilitatorWeb3Signer
-from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas import PaymentRequirementsV1
 
-from mintq import eip3009
 from mintq.chain import Chain
 from mintq.eip3009 import Authorization
 from mintq.errors import DependencyUnavailable, PaymentRejected
-from mintq.payments import VerifiedPayment, check_validity_window
+from mintq.payments import (
+    PaymentType,
+    VerifiedPayment,
+    authorization_id,
+    find_settlement,
+    verify_authorization,
+)
 
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"  # v2
 X_PAYMENT = "X-PAYMENT"  # v1
@@ -121,19 +122,14 @@ class X402Gateway:
         )
 
     @cached_property
-    def facilitator(self) -> Any:
-        """Local verification with the SDK's own EVM scheme, or the remote facilitator."""
-        if self.facilitator_url:
-            return HTTPFacilitatorClientSync(
-                FacilitatorConfig(
-                    url=self.facilitator_url, timeout=self.chain.settings.chain_timeout_seconds * 3
-                )
+    def facilitator(self) -> HTTPFacilitatorClientSync:
+        """The remote facilitator (only with `FACILITATOR_URL`)."""
+        assert self.facilitator_url
+        return HTTPFacilitatorClientSync(
+            FacilitatorConfig(
+                url=self.facilitator_url, timeout=self.chain.settings.chain_timeout_seconds * 3
             )
-        # The signer's key only names the `from` of the verification's eth_call: it never signs.
-        verifier = FacilitatorWeb3Signer("0x" + secrets.token_hex(32), self.chain.settings.rpc_url)
-        facilitator = x402FacilitatorSync()
-        facilitator.register([self.chain.network], ExactEvmFacilitatorScheme(verifier))
-        return facilitator
+        )
 
     def payment_required(
         self, resource_url: str, error: str = "Payment required"
@@ -189,60 +185,48 @@ class X402Gateway:
             raise _invalid_header("the payload has no valid EIP-3009 authorization") from exc
         return X402Payment(version, payload, authorization, signature)
 
-    def payment_id(self, payment: X402Payment) -> str:
-        auth = payment.authorization
-        return eip3009.payment_id(
-            self.chain.chain_id, self.chain.usdc.address, auth.sender, auth.nonce
-        )
-
     def verify(self, payment: X402Payment, now: float | None = None) -> VerifiedPayment:
-        """Verify with the SDK, then require the time the queue needs before settlement."""
+        """Our requirements, then the same verification as a gasless authorization."""
         if payment.payload.accepted != self.requirements:
             raise PaymentRejected(
                 "The payment accepts different requirements than this server offers.",
                 code="requirements_mismatch",
                 status=402,
             )
-        result = self._call_facilitator("verify", payment)
-        if not result.is_valid:
-            raise self._rejection(payment, result.invalid_reason, result.invalid_message)
-        auth = payment.authorization
-        check_validity_window(self.chain.settings, auth, time.time() if now is None else now)
-        return VerifiedPayment(
-            payment_id=self.payment_id(payment),
-            payment_type="x402",
-            payer=auth.sender,
-            recipient=auth.sender,
-            amount=auth.value,
-            payload={
-                "authorization": auth.as_json(),
-                "signature": "0x" + payment.signature.hex(),
-                "x402Version": payment.version,
-            },
-            settle_deadline=auth.valid_before,
+        return verify_authorization(
+            self.chain,
+            payment.authorization,
+            payment.signature,
+            payment_type=PaymentType.X402,
+            payload={"x402Version": payment.version},
+            now=now,
         )
 
     def verify_and_settle(self, payment: X402Payment) -> VerifiedPayment:
-        """Remote facilitator mode: the facilitator moves the money now; we queue the mint."""
+        """Remote facilitator mode: the facilitator moves the money now; we queue the mint.
+
+        An authorization already settled to us (by anyone) is paid and is not sent again. A
+        settlement the facilitator reports as failed is looked for on chain before it is
+        refused: a concurrent request may have settled the same authorization.
+        """
         verified = self.verify(payment)
+        if verified.payment_tx_hash is not None:
+            return verified
+        result = self._call_facilitator("verify", payment)
+        if not result.is_valid:
+            raise self._rejection(result.invalid_reason, result.invalid_message)
         settled = self._call_facilitator("settle", payment)
-        if not settled.success or not settled.transaction:
+        tx_hash = settled.transaction if settled.success else None
+        if not tx_hash:
+            tx_hash = find_settlement(self.chain, payment.authorization)
+        if not tx_hash:
             raise PaymentRejected(
                 "The facilitator could not settle the payment.",
                 code="settlement_failed",
                 status=402,
                 details={"reason": settled.error_reason or "", "message": settled.error_message},
             )
-        tx_hash = settled.transaction.lower()
-        return VerifiedPayment(
-            payment_id=tx_hash,
-            payment_type="x402",
-            payer=verified.payer,
-            recipient=verified.recipient,
-            amount=verified.amount,
-            payment_tx_hash=tx_hash,
-            payload=verified.payload,
-        )
+        return replace(verified, payment_tx_hash=tx_hash.lower(), settle_deadline=None)
 
     def response_header(
         self, payment: X402Payment, payer: str, transaction: str | None
@@ -263,19 +247,12 @@ class X402Gateway:
     def _call_facilitator(self, action: str, payment: X402Payment) -> Any:
         try:
             return getattr(self.facilitator, action)(payment.payload, self.requirements)
-        except ValueError as exc:
-            if self.facilitator_url:  # the HTTP client raises ValueError for non-200 answers
-                raise DependencyUnavailable("facilitator", f"facilitator {action}: {exc}") from exc
-            raise _invalid_header(f"the payload could not be verified: {exc}") from exc
-        except OSError as exc:
-            raise DependencyUnavailable("facilitator" if self.facilitator_url else "chain") from exc
+        except (ValueError, OSError) as exc:  # the HTTP client raises ValueError for non-200s
+            raise DependencyUnavailable("facilitator", f"facilitator {action}: {exc}") from exc
 
-    def _rejection(
-        self, payment: X402Payment, reason: str | None, message: str | None
-    ) -> PaymentRejected:
+    @staticmethod
+    def _rejection(reason: str | None, message: str | None) -> PaymentRejected:
         code, status = REASONS.get(reason or "", ("payment_invalid", 402))
-        if reason == "invalid_exact_evm_transaction_simulation_failed":
-            code, status = self._explain_failed_simulation(payment)
         return PaymentRejected(
             message or "The payment did not verify.",
             code=code,
@@ -283,21 +260,31 @@ class X402Gateway:
             details={"reason": reason or ""},
         )
 
-    def _explain_failed_simulation(self, payment: X402Payment) -> tuple[str, int]:
-        """Name the cause when the SDK can only say that the simulated settlement reverted."""
-        auth = payment.authorization
-        usdc = self.chain.usdc.functions
-        used, balance = self.chain.call(
-            lambda: (
-                usdc.authorizationState(auth.sender, auth.nonce).call(),
-                usdc.balanceOf(auth.sender).call(),
-            )
-        )
-        if used:
-            return "authorization_used", 409
-        if balance < auth.value:
-            return "insufficient_funds", 402
-        return "settlement_would_fail", 402
+
+@dataclass(frozen=True)
+class X402Mint:
+    """A paid x402 request as a `payments.Payment`: the authorization in its header."""
+
+    gateway: X402Gateway
+    decoded: X402Payment
+
+    @property
+    def payment_id(self) -> str:
+        chain, auth = self.gateway.chain, self.decoded.authorization
+        return authorization_id(chain.chain_id, chain.usdc.address, auth.sender, auth.nonce)
+
+    @property
+    def payer(self) -> str:
+        return self.decoded.authorization.sender
+
+    @property
+    def settles(self) -> bool:
+        return bool(self.gateway.facilitator_url)
+
+    def verify(self) -> VerifiedPayment:
+        if self.settles:
+            return self.gateway.verify_and_settle(self.decoded)
+        return self.gateway.verify(self.decoded)
 
 
 def _header(version: int) -> str:

@@ -27,7 +27,7 @@ from deploy.devchain import Anvil
 from deploy.stack import Supervisor, beat_command, ensure_database, migrate, worker_command
 from mintq import queue
 from mintq.chain import Chain
-from mintq.payments import VerifiedPayment, verify_gasless
+from mintq.payments import GaslessPayment, VerifiedPayment
 from mintq.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -166,7 +166,7 @@ class FaultSystem:
             for _ in range(GASLESS_ITEMS):
                 payer = self.chainside.new_payer(usdc=PRICE)
                 data = load_mint_request(self.chainside.sign_authorization(payer))
-                payment = verify_gasless(chain, data["authorization"], data["signature"])
+                payment = GaslessPayment(chain, data["authorization"], data["signature"]).verify()
                 queue.enqueue(session, payment)
                 self.payments.append(payment)
                 self.gasless_payers.append(payer.address)

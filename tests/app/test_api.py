@@ -13,6 +13,8 @@ from sqlalchemy import create_engine, text
 
 from app import create_app
 from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside
+from mintq.chain import Chain
+from mintq.payments import transfer_id
 from mintq.services import Services
 from mintq.settings import Settings
 
@@ -65,7 +67,11 @@ def test_a_paid_mint_is_queued_once(
     assert body["estimatedWaitSeconds"] == 10
     assert body["payer"] == body["recipient"] == payer.address
     assert body["paymentType"] == "custom"
-    assert body["paymentId"] == tx_hash
+    [log] = chainside.w3.eth.get_transaction_receipt(tx_hash)["logs"]  # type: ignore[arg-type]
+    chain = Chain(settings)
+    assert body["paymentId"] == transfer_id(
+        chain.chain_id, chain.usdc.address, tx_hash.lower(), log["logIndex"]
+    )
     uuid.UUID(body["queueId"])
 
     again = client.post("/mint", json={"paymentType": "custom", "txHash": tx_hash.upper()[2:]})

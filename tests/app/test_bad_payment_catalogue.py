@@ -105,8 +105,11 @@ def bad_x402_cases(client: FlaskClient, chainside: Chainside) -> list[Case]:
 
     used = x402_header(client, payer, chainside)
     decoded = json.loads(base64.b64decode(used["headers"]["PAYMENT-SIGNATURE"]))
-    chainside.submit_authorization({"authorization": decoded["payload"]["authorization"],
-                                "signature": decoded["payload"]["signature"]})  # fmt: skip
+    # Cancelled on chain: used, and it paid nobody. (One someone submitted to us is a payment
+    # like any other, as it is when posted as gasless.)
+    chainside.cancel_authorization(
+        payer, bytes.fromhex(decoded["payload"]["authorization"]["nonce"][2:])
+    )
     return [
         ("x402: tampered value", x402_header(client, payer, chainside, tamper=value_up), 402,
          "wrong_amount"),
@@ -118,7 +121,7 @@ def bad_x402_cases(client: FlaskClient, chainside: Chainside) -> list[Case]:
          "requirements_mismatch"),
         ("x402: payer has no USDC", x402_header(client, broke, chainside), 402,
          "insufficient_funds"),
-        ("x402: authorization already used on chain", used, 409, "authorization_used"),
+        ("x402: authorization cancelled on chain", used, 409, "authorization_used"),
         ("x402: not base64 JSON", {"headers": {"PAYMENT-SIGNATURE": "%%%"}}, 400,
          "invalid_payment_header"),
         ("x402: JSON list", {"headers": {"PAYMENT-SIGNATURE": b64([1])}}, 400,

@@ -112,9 +112,11 @@ def _bad_cases(chainside: Chainside) -> list[tuple[str, dict[str, Any], int, str
     foreign["authorization"]["from"] = payer.address  # someone else's signature
     tampered = chainside.sign_authorization(payer)
     tampered["authorization"]["value"] = str(PRICE * 2)  # signed for less than claimed
+    overpaid = chainside.sign_authorization(payer, value=PRICE * 2)  # one mint, charged twice
     return [
         ("foreign signature", foreign, 422, "signature_invalid"),
-        ("tampered value", tampered, 422, "signature_invalid"),
+        ("tampered value", tampered, 402, "wrong_amount"),
+        ("more than the price", overpaid, 402, "wrong_amount"),
         ("garbage signature", {**good, "signature": "0x" + "11" * 65}, 422, "signature_invalid"),
         ("short signature", {**good, "signature": "0x1234"}, 422, "signature_invalid"),
         ("malleable high-s", {**good, "signature": _flip_s(good["signature"])}, 422,
@@ -128,7 +130,7 @@ def _bad_cases(chainside: Chainside) -> list[tuple[str, dict[str, Any], int, str
         ("wrong to", chainside.sign_authorization(payer, to="0x" + "99" * 20), 422,
          "wrong_recipient"),
         ("too little value", chainside.sign_authorization(payer, value=PRICE - 1), 402,
-         "insufficient_payment"),
+         "wrong_amount"),
         ("expired", chainside.sign_authorization(payer, valid_before=now - 1), 422,
          "authorization_expired"),
         ("expires within the queue time", chainside.sign_authorization(

@@ -43,6 +43,7 @@ from deploy.facilitator import create_facilitator_app
 from mintq import batching
 from mintq.batching import Minter
 from mintq.chain import Chain
+from mintq.payments import authorization_id
 from mintq.settings import Settings
 
 CHAIN_ID = 84532
@@ -199,6 +200,10 @@ def test_the_same_payment_header_twice_is_one_item(
     assert len(rows(x402_settings)) == 1
 
 
+def payment_id_of(onchain: Chainside, payer: str, nonce: str) -> str:
+    return authorization_id(CHAIN_ID, onchain.deployment.usdc, payer, bytes.fromhex(nonce[2:]))
+
+
 def _b64(value: Any) -> str:
     return base64.b64encode(json.dumps(value).encode()).decode()
 
@@ -238,14 +243,27 @@ def test_remote_facilitator_settles_first_and_only_the_mint_is_queued(
     with serving(facilitator) as facilitator_url:
         settings = dataclasses.replace(x402_settings, facilitator_url=facilitator_url)
         with serving(create_app(settings)) as base:
-            response = sync_client(payer, onchain).post(f"{base}/mint", timeout=60)
+            session = sync_client(payer, onchain)
+            sent: list[str] = []
+            session.hooks["response"].append(
+                lambda r, **_: sent.append(r.request.headers.get("PAYMENT-SIGNATURE", ""))
+            )
+            response = session.post(f"{base}/mint", timeout=60)
     assert response.status_code == 202, response.text
     settle = decode_payment_response_header(response.headers["PAYMENT-RESPONSE"])
     assert settle.transaction.startswith("0x")
     assert onchain.usdc_balance(payer.address) == 0  # settled before the answer
     [(kind, payment_id, paid_in, status)] = rows(settings)
     assert (kind, status) == ("x402", "pending")
-    assert payment_id == paid_in == settle.transaction.lower()
+    # The payment is the authorization, however it was settled: the settlement is where the
+    # money moved, not what identifies it.
+    assert paid_in == settle.transaction.lower()
+    nonce = onchain.usdc.functions.authorizationState  # the authorization is used on chain
+    [authorization] = [
+        json.loads(base64.b64decode(h))["payload"]["authorization"] for h in sent if h
+    ]
+    assert nonce(payer.address, bytes.fromhex(authorization["nonce"][2:])).call()
+    assert payment_id == payment_id_of(onchain, payer.address, authorization["nonce"])
 
     mint_everything(settings)
     assert onchain.mint_balance(payer.address) == MINT_AMOUNT

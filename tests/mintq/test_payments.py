@@ -13,7 +13,7 @@ from deploy.devchain import deploy
 from deploy.pay import pay_usdc
 from mintq.chain import Chain, decode_transfers
 from mintq.errors import PaymentRejected
-from mintq.payments import verify_custom
+from mintq.payments import transfer_id, verify_custom
 from mintq.settings import Settings
 
 
@@ -37,7 +37,11 @@ def test_a_transfer_of_the_price_is_attributed_to_its_sender(
     assert submitter_is_irrelevant.payer == payer.address
     assert submitter_is_irrelevant.recipient == payer.address
     assert submitter_is_irrelevant.amount == PRICE
-    assert submitter_is_irrelevant.payment_id == tx_hash.lower()
+    receipt = chainside.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+    [log] = receipt["logs"]
+    assert submitter_is_irrelevant.payment_id == transfer_id(
+        chain.chain_id, chain.usdc.address, tx_hash.lower(), log["logIndex"]
+    )
     assert submitter_is_irrelevant.payment_type == "custom"
 
 
@@ -138,7 +142,7 @@ def test_one_transaction_paying_from_two_accounts_is_ambiguous(
     chain: Chain, chainside: Chainside, settings: Settings
 ) -> None:
     from deploy.pay import send_and_wait
-    from mintq.eip3009 import Authorization
+    from mintq.eip3009 import Authorization, payment_id
 
     # One transaction that moves USDC to payTo from two payers: a batch settling two
     # authorizations. Whose mint would its hash buy? Neither: it is refused.
@@ -148,7 +152,8 @@ def test_one_transaction_paying_from_two_accounts_is_ambiguous(
         body = chainside.sign_authorization(payer)
         auth = Authorization.from_json(body["authorization"])
         items.append((
-            payer.address, "0x" + secrets.token_hex(32), auth.sender, auth.value,
+            payer.address, payment_id(chain.chain_id, chain.usdc.address, auth.sender, auth.nonce),
+            auth.sender, auth.value,
             auth.valid_after, auth.valid_before, auth.nonce, bytes.fromhex(body["signature"][2:]),
         ))  # fmt: skip
     tx_hash = send_and_wait(

@@ -14,12 +14,12 @@ from db.models import MintHistory, MintQueueItem
 from deploy.pay import send_and_wait
 from mintq import batching, queue
 from mintq.batching import Minter
-from mintq.payments import VerifiedPayment, verify_custom, verify_gasless
+from mintq.payments import GaslessPayment, VerifiedPayment, verify_custom
 
 
 def queue_gasless(minter: Minter, body: dict[str, Any]) -> VerifiedPayment:
     data = load_mint_request(body)
-    payment = verify_gasless(minter.chain, data["authorization"], data["signature"])
+    payment = GaslessPayment(minter.chain, data["authorization"], data["signature"]).verify()
     with minter.sessions() as session:
         queue.enqueue(session, payment)
         session.commit()
@@ -41,7 +41,9 @@ def run_batch(minter: Minter) -> list[str]:
 
 def item_of(minter: Minter, payment: VerifiedPayment) -> MintQueueItem:
     with minter.sessions() as session:
-        item = queue.find_by_payment_id(session, payment.payment_id)
+        row = queue.find(session, payment.payment_id)
+        assert row is not None
+        item = session.get(MintQueueItem, row.queue_id)
         assert item is not None
         return item
 

@@ -100,10 +100,14 @@ def final_item(
 ) -> uuid.UUID:
     payment = paid()
     with services.sessions() as session:
-        item, _ = queue.enqueue(session, payment, callback_url)
-        item.status = status
+        row, _ = queue.enqueue(session, payment, callback_url)
+        session.execute(
+            update(MintQueueItem)
+            .where(MintQueueItem.queue_id == row.queue_id)
+            .values(status=status)
+        )
         session.commit()
-        return item.queue_id
+        return row.queue_id
 
 
 def delivery(services: Services, queue_id: uuid.UUID, event: str) -> WebhookDelivery | None:
