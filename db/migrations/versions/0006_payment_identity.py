@@ -47,20 +47,21 @@ def upgrade() -> None:
     if not rows:
         return
     new_ids = canonical_ids(rows)
-    taken = {
-        r[0]
-        for r in connection.execute(
-            sa.text("SELECT payment_id FROM mint_queue WHERE NOT (queue_id = ANY(:ids))"),
+    # Ids that rows already carry, and the item each belongs to.
+    first_of: dict[str, str] = {
+        payment_id: str(queue_id)
+        for queue_id, payment_id in connection.execute(
+            sa.text("SELECT queue_id, payment_id FROM mint_queue WHERE NOT (queue_id = ANY(:ids))"),
             {"ids": [r["queue_id"] for r in rows]},
         )
     }
-    first_of: dict[str, Any] = {}
     for row in rows:
         queue_id, new_id = row["queue_id"], new_ids[row["queue_id"]]
         error = None
-        if new_id in taken or new_id in first_of:
-            first = first_of.get(new_id, "an item queued as gasless or x402")
-            error = f"this payment was also queued as {first} and minted twice before revision 0006"
+        if new_id in first_of:
+            error = (
+                f"the same payment as item {first_of[new_id]}: minted twice before revision 0006"
+            )
             new_id = duplicate_id(queue_id)
         else:
             first_of[new_id] = str(queue_id)
