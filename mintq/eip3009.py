@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from coincurve import PublicKey
 from Crypto.Hash import keccak as _keccak
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_utils import is_address, is_checksum_formatted_address, keccak, to_checksum_address
 
 
 def keccak256(data: bytes) -> bytes:
@@ -24,6 +24,22 @@ def keccak256(data: bytes) -> bytes:
 # payers paying again); eth_utils computes each in pure Python with a Keccak per call.
 checksum_address = lru_cache(maxsize=16384)(to_checksum_address)
 valid_address = lru_cache(maxsize=16384)(is_address)
+
+
+def parse_address(text: str) -> str:
+    """A 0x-prefixed address, checksummed; ValueError when it is not one.
+
+    Mixed case is an EIP-55 checksum, and one that does not match means a mistyped address:
+    refused, or the money or the mint would go to an address nobody holds. All lower or all
+    upper case carries no checksum and is accepted as it is.
+    """
+    if not isinstance(text, str) or not text.startswith("0x") or not valid_address(text):
+        raise ValueError("must be a 0x-prefixed 20-byte address")
+    checksummed = str(checksum_address(text))
+    if text != checksummed and is_checksum_formatted_address(text):
+        raise ValueError("does not match its EIP-55 checksum: is it mistyped?")
+    return checksummed
+
 
 DOMAIN_TYPEHASH = keccak(
     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
@@ -104,8 +120,8 @@ class Authorization:
     @classmethod
     def from_json(cls, data: dict[str, str]) -> Authorization:
         return cls(
-            sender=checksum_address(data["from"]),
-            to=checksum_address(data["to"]),
+            sender=parse_address(data["from"]),
+            to=parse_address(data["to"]),
             value=int(data["value"]),
             valid_after=int(data["validAfter"]),
             valid_before=int(data["validBefore"]),

@@ -191,6 +191,27 @@ def test_a_mixed_case_address_with_a_wrong_checksum_is_refused(
     assert chainside.usdc_balance(payer.address) == PRICE
 
 
+@pytest.mark.parametrize("field", ["from", "to"])
+def test_an_x402_header_with_a_wrong_checksum_is_refused(
+    client: FlaskClient, chainside: Chainside, field: str
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    offer = client.post("/mint").headers["PAYMENT-REQUIRED"]
+    [accepted] = json.loads(base64.b64decode(offer))["accepts"]
+    header = {
+        "x402Version": 2,
+        "accepted": accepted,
+        "payload": with_address(body, field, miscased(body["authorization"][field])),
+    }
+    answer = client.post(
+        "/mint", headers={"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(header).encode())}
+    )
+    assert answer.status_code == 400, answer.get_data(as_text=True)
+    assert answer.get_json()["error"] == "invalid_payment_header"
+    assert chainside.usdc_balance(payer.address) == PRICE
+
+
 @pytest.mark.parametrize(
     ("field", "spelling"),
     [("from", str.lower), ("from", str.upper), ("to", str.lower), ("to", str.upper)],
