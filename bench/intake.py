@@ -9,6 +9,11 @@ separate process (bench.loadgen); it shares the CPU with the server, so its own 
 request is printed too. `--pending N` first fills the queue with N pending rows that are all
 ahead of the new ones, to see what a deep queue costs intake.
 
+It ends with the dev chain's mint ceiling: the block gas limit of the README's stack (anvil's,
+1 s blocks; `--block-time`) over the gas one mint of this kind takes, measured by minting a
+batch of `--ceiling-batch` of the queued payments through the real worker path; and intake's
+ratio to it. Intake must stay well above the ceiling, so that it never limits minting.
+
 `--passes N` measures N runs of `--requests` each against the same server, one after the
 other, and prints each and their median: this machine's speed drifts from minute to minute,
 and one run says little. Each pass adds its requests to the queue the next one sees.
@@ -27,10 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import text
+
 from bench.harness import PRICE, BenchEnv, bench_env, build_positions, seed_queue
 from bench.loadgen import LoadResult, run_load
 from deploy.pay import pay_usdc
 from deploy.stack import Supervisor, api_command, wait_until_serving
+from mintq import batching
 
 
 def prepare_bodies(env: BenchEnv, kind: str, count: int) -> list[bytes]:
@@ -99,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pending", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=8, help="per gunicorn worker")
+    parser.add_argument("--block-time", type=float, default=1.0, help="of the chain modelled")
+    parser.add_argument("--ceiling-batch", type=int, default=200)
     args = parser.parse_args(argv)
 
     print(
@@ -137,16 +147,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 passes[-1].print(f"pass {i + 1}" if args.passes > 1 else "")
         finally:
             supervisor.stop_all()
+        gas_per_mint = measure_gas_per_mint(env, args.ceiling_batch)
+        block_gas = int(env.w3.eth.get_block("latest")["gasLimit"])
 
+    rates = sorted(p.rate for p in passes)
     if len(passes) > 1:
-        rates = sorted(p.rate for p in passes)
         p99s = sorted(p.p99 for p in passes)
         print(
             f"median of {len(passes)} passes: {statistics.median(rates):.0f} requests/s "
             f"(range {rates[0]:.0f}-{rates[-1]:.0f}), p99 {statistics.median(p99s) * 1000:.1f} ms "
             f"(range {p99s[0] * 1000:.1f}-{p99s[-1] * 1000:.1f})"
         )
+    ceiling = block_gas / gas_per_mint / args.block_time
+    print(
+        f"chain ceiling {ceiling:.0f} mints/s ({block_gas:,} gas per {args.block_time:g} s block, "
+        f"{gas_per_mint:,.0f} gas per {args.kind} mint); intake / ceiling = "
+        f"{statistics.median(rates) / ceiling:.2f}"
+    )
     return 0 if all(set(p.load.statuses) <= {202} for p in passes) else 1
+
+
+def measure_gas_per_mint(env: BenchEnv, size: int) -> float:
+    """Gas per item of one batch of `size` queued payments, sent and confirmed by the nonce
+    owner's own code."""
+    minter = env.minter()
+    with minter.sessions() as session, session.begin():
+        for key, value in (("max_batch_size", size), ("batch_interval_seconds", 0)):
+            session.execute(
+                text("UPDATE system_settings SET value = :v WHERE key = :k"),
+                {"k": key, "v": str(value)},
+            )
+    [batch_id, *_] = batching.process_queue(minter).sent
+    assert batching.confirm_batch(minter, batch_id).state == "confirmed"
+    with minter.sessions() as session:
+        items, gas = session.execute(
+            text("SELECT size, gas_used FROM batch_mints WHERE batch_id = :b"), {"b": batch_id}
+        ).one()
+    return float(gas) / int(items)
 
 
 @dataclass
