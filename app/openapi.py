@@ -224,7 +224,8 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                 ),
                 "402": _json(
                     PaymentRequiredSchema,
-                    "No payment, or not enough (`payment_required`, `insufficient_payment`, ...).",
+                    "No payment, or not a valid one (`payment_required`, `insufficient_payment`, "
+                    "`wrong_amount`, `settlement_would_fail`, ...).",
                     headers={
                         PAYMENT_REQUIRED: {
                             "description": "x402 version 2 payment requirements (base64 JSON).",
@@ -238,7 +239,8 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                 ),
                 "422": _json(
                     ErrorSchema,
-                    "`tx_failed`, `wrong_token`, `wrong_recipient` or `ambiguous_payer`.",
+                    "`signature_invalid`, `tx_failed`, `wrong_token`, `wrong_recipient`, "
+                    "`ambiguous_payer`, `mixed_payment` or `ambiguous_payment`.",
                 ),
                 "429": _json(
                     ErrorSchema,
