@@ -1,5 +1,6 @@
 """Scale-out for real: two API replicas behind nginx, two Celery workers and beat against one
-PostgreSQL, Redis and anvil. Also graceful shutdown, and the minter key never leaking."""
+PostgreSQL, Redis and anvil. Also one payment presented many ways on both replicas at once,
+graceful shutdown, and the minter key never leaking."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,14 @@ from typing import Any
 
 import pytest
 import requests
+from eth_account.signers.local import LocalAccount
 from sqlalchemy import create_engine, text
+from x402 import PaymentPayload, PaymentRequired
+from x402.http import (
+    decode_payment_required_header,
+    decode_payment_response_header,
+    encode_payment_signature_header,
+)
 
 from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, free_ports, service_env
 from deploy.stack import (
@@ -26,6 +35,7 @@ from deploy.stack import (
     wait_until_serving,
     worker_command,
 )
+from mintq.payments import authorization_id
 from mintq.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -66,7 +76,8 @@ http {{
 
 @dataclass
 class Cluster:
-    url: str
+    url: str  # nginx, in front of both replicas
+    replicas: tuple[str, str]  # each API replica directly
     logs: Path
     supervisor: Supervisor
 
@@ -95,7 +106,8 @@ def cluster(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[Clus
         supervisor.start("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], env)
         for p in (api1, api2, port):  # through nginx too
             wait_until_serving(p, supervisor)
-        yield Cluster(f"http://127.0.0.1:{port}", logs, supervisor)
+        replicas = (f"http://127.0.0.1:{api1}", f"http://127.0.0.1:{api2}")
+        yield Cluster(f"http://127.0.0.1:{port}", replicas, logs, supervisor)
     finally:
         supervisor.stop_all()
 
@@ -208,3 +220,137 @@ def test_sigterm_lets_the_worker_finish_and_nothing_is_half_done(
         )
     engine.dispose()
     assert unfinished == 0
+
+
+# --- one payment presented many ways at once ---------------------------------------------------
+
+Presentation = tuple[str, dict[str, Any]]  # (base URL, `requests` arguments of POST /mint)
+
+
+def present_at_once(presentations: list[Presentation]) -> list[requests.Response]:
+    """POST /mint every presentation at the same moment, one thread and connection each."""
+    barrier = threading.Barrier(len(presentations))
+
+    def post(presentation: Presentation) -> requests.Response:
+        url, kwargs = presentation
+        with requests.Session() as session:
+            session.get(f"{url}/healthz", timeout=30)  # connected before the start line
+            request = session.prepare_request(requests.Request("POST", f"{url}/mint", **kwargs))
+            barrier.wait(timeout=60)
+            return session.send(request, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=len(presentations)) as pool:
+        return list(pool.map(post, presentations))
+
+
+def queued_once(responses: list[requests.Response]) -> str:
+    """The one queueId all answers agree on: one 202 created it, every other answer is a 200."""
+    answers = [(r.status_code, r.text) for r in responses]
+    assert [r.status_code for r in responses].count(202) == 1, answers
+    assert {r.status_code for r in responses} <= {200, 202}, answers
+    queue_ids = {r.json()["queueId"] for r in responses}
+    assert len(queue_ids) == 1, answers
+    return queue_ids.pop()
+
+
+def x402_header(url: str, body: dict[str, Any]) -> dict[str, str]:
+    """A v2 PAYMENT-SIGNATURE carrying the very authorization of a gasless `body`, accepting
+    the requirements the server's 402 offers."""
+    offer = requests.post(f"{url}/mint", timeout=30)
+    assert offer.status_code == 402, offer.text
+    required = decode_payment_required_header(offer.headers["PAYMENT-REQUIRED"])
+    assert isinstance(required, PaymentRequired), required  # v2, the header's version
+    [accepted] = required.accepts
+    payload = PaymentPayload(
+        x402_version=2,
+        payload={"authorization": body["authorization"], "signature": body["signature"]},
+        accepted=accepted,
+    )
+    return {"PAYMENT-SIGNATURE": encode_payment_signature_header(payload)}
+
+
+def assert_minted_once(
+    cluster: Cluster,
+    chainside: Chainside,
+    settings: Settings,
+    queue_id: str,
+    payer: LocalAccount,
+    body: dict[str, Any],
+) -> dict[str, Any]:
+    """The item completes, the payer holds one mint, and one row stands for the payment."""
+    [item] = wait_until_final(cluster.url, [queue_id], timeout=60)
+    assert item["status"] == "completed", item
+    payment_id = authorization_id(
+        chainside.deployment.chain_id,
+        chainside.deployment.usdc,
+        payer.address,
+        bytes.fromhex(body["authorization"]["nonce"][2:]),
+    )
+    assert item["paymentId"] == payment_id
+    assert item["payer"] == item["recipient"] == payer.address
+    assert chainside.minted(payment_id)
+    assert chainside.mint_balance(payer.address) == MINT_AMOUNT
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT queue_id::text, payment_id FROM mint_queue")).all()
+        history = conn.scalar(text("SELECT count(*) FROM mint_history"))
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(queue_id, payment_id)]
+    assert history == 1
+    return item
+
+
+def test_one_authorization_as_gasless_and_x402_on_two_replicas_at_once_mints_once(
+    cluster: Cluster, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=3 * PRICE)  # could pay three times; must pay once
+    body = chainside.sign_authorization(payer)
+    header = x402_header(cluster.url, body)
+    pay_to_before = chainside.usdc_balance(PAY_TO)
+    replica_a, replica_b = cluster.replicas
+    gasless: Presentation = (replica_a, {"json": body})
+    x402: Presentation = (replica_b, {"headers": header})
+    presentations = (
+        [gasless] * 10
+        + [x402] * 10
+        + [(cluster.url, {"json": body})] * 5
+        + [(cluster.url, {"headers": header})] * 5
+    )
+
+    responses = present_at_once(presentations)
+
+    queue_id = queued_once(responses)
+    for response, (_, kwargs) in zip(responses, presentations, strict=True):
+        if "headers" in kwargs:  # every paid x402 answer says who paid
+            settled = decode_payment_response_header(response.headers["PAYMENT-RESPONSE"])
+            assert settled.success and settled.payer == payer.address
+    assert_minted_once(cluster, chainside, settings, queue_id, payer, body)
+    assert chainside.usdc_balance(payer.address) == 2 * PRICE
+    assert chainside.usdc_balance(PAY_TO) == pay_to_before + PRICE
+
+
+def test_an_authorization_relayed_by_a_third_party_presented_every_way_at_once_mints_once(
+    cluster: Cluster, chainside: Chainside, settings: Settings
+) -> None:
+    payer = chainside.new_payer(usdc=3 * PRICE)
+    body = chainside.sign_authorization(payer)
+    pay_to_before = chainside.usdc_balance(PAY_TO)
+    relay_tx = chainside.submit_authorization(body)  # someone else's transaction, someone's gas
+    relayer = chainside.w3.eth.get_transaction(relay_tx)["from"]  # type: ignore[arg-type]
+    assert relayer != payer.address
+    custom = {"paymentType": "custom", "txHash": relay_tx}
+    custom_upper = {"paymentType": "custom", "txHash": "0x" + relay_tx[2:].upper()}
+    presentations: list[Presentation] = [
+        (url, {"json": json})
+        for url in (*cluster.replicas, cluster.url)
+        for json in [custom] * 4 + [custom_upper] * 3 + [body] * 3
+    ]
+
+    responses = present_at_once(presentations)
+
+    queue_id = queued_once(responses)
+    item = assert_minted_once(cluster, chainside, settings, queue_id, payer, body)
+    assert item["paymentType"] in ("custom", "gasless")
+    assert chainside.mint_balance(relayer) == 0  # whoever relays or presents, the payer mints
+    assert chainside.usdc_balance(payer.address) == 2 * PRICE
+    assert chainside.usdc_balance(PAY_TO) == pay_to_before + PRICE
