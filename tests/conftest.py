@@ -32,6 +32,9 @@ from mintq.payments import VerifiedPayment
 from mintq.services import Services
 from mintq.settings import Settings
 
+# Shared fixtures (an x402 chain); their helpers are imported from `common` directly.
+pytest_plugins = ["common.x402"]
+
 PG_SERVER = os.environ.get("TEST_PG_SERVER", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS_SERVER = os.environ.get("TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
 PRICE = 1_000_000
