@@ -7,6 +7,7 @@ from typing import Protocol
 
 from sqlalchemy import Connection
 
+from db.models import QueueStatus
 from mintq import queue
 from mintq.errors import MintqError
 from mintq.payments import Payment, VerifiedPayment
@@ -39,7 +40,9 @@ def submit(
     Verification comes first, and the queue is read only where that changes the answer: a
     new payment costs one statement (the insert). A refused presentation of a payment that
     is already queued (over a rate limit, or an authorization its own batch has settled since)
-    is answered with its item, since it is the same money. A payment whose verification moves
+    is answered with its item, since it is the same money; if that item failed uncharged and
+    this presentation proves the money has moved since, the item is queued again as paid. A
+    payment whose verification moves
     money (a remote facilitator settles it) is looked up before it is verified, so it is
     never settled twice.
     """
@@ -61,4 +64,7 @@ def submit(
             raise
         return Submission(existing, created=False)
     item, created = queue.enqueue(connection, verified, callback_url)
+    if not created and item.status == QueueStatus.FAILED and verified.payment_tx_hash:
+        # Its item failed uncharged, yet the money has moved since: mint it after all.
+        item = queue.requeue_paid(connection, item.queue_id, verified.payment_tx_hash) or item
     return Submission(item, created)

@@ -90,6 +90,8 @@ class Payment(Protocol):
     def verify(self) -> VerifiedPayment: ...
 
 
+ZERO_ADDRESS = "0x" + "00" * 20
+
 # --- money on chain: which transfers in a receipt paid us, and how -----------------------------
 
 AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
@@ -197,6 +199,12 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
             details={"senders": sorted(senders)},
         )
     payer = senders.pop()
+    if payer == ZERO_ADDRESS:
+        raise PaymentRejected(
+            "USDC minted straight to the payment address is nobody's payment.",
+            code="no_payer",
+            details={"txHash": tx_hash},
+        )
     authorized = [m for m in movements if m.nonce is not None]
     if authorized and len(authorized) != len(movements):
         raise PaymentRejected(

@@ -22,11 +22,12 @@ from sqlalchemy import (
     select,
     text,
     tuple_,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import BatchMint, HotWallet, MintQueueItem
+from db.models import BatchMint, HotWallet, MintQueueItem, QueueStatus
 from mintq import positions
 from mintq.errors import MintqError
 from mintq.operating import OperatingSettings
@@ -108,6 +109,35 @@ def enqueue(
     row = find(db, payment.payment_id)
     assert row is not None  # the conflicting writer committed it
     return row, False
+
+
+_REQUEUE_PAID = (
+    update(_ITEMS)
+    .where(
+        _ITEMS.c.queue_id == bindparam("failed_item"),
+        _ITEMS.c.status == QueueStatus.FAILED,
+        _ITEMS.c.payment_tx_hash.is_(None),
+    )
+    .values(
+        status=QueueStatus.PENDING,
+        payment_tx_hash=bindparam("paid_in"),
+        settle_deadline=None,
+        error=None,
+        batch_id=None,
+    )
+    .returning(*(_ITEMS.c[name] for name in ItemRow._fields))
+)
+
+
+def requeue_paid(db: Session | Connection, queue_id: uuid.UUID, tx_hash: str) -> ItemRow | None:
+    """Queue a failed, uncharged item again as paid, now that its money moved in `tx_hash`.
+
+    An authorization whose item failed before it was settled (the payer's balance was short,
+    an operator cancelled it, it neared expiry) stays valid on chain, and anyone may still
+    submit it: the payer is then charged, and only a mint makes that right. None when the item
+    is not failed and uncharged (someone else requeued it first).
+    """
+    return _one(db, _REQUEUE_PAID, {"failed_item": queue_id, "paid_in": tx_hash})
 
 
 def parse_queue_id(raw: str) -> uuid.UUID:
@@ -229,14 +259,14 @@ def estimated_wait_seconds(position: int | None, ops: OperatingSettings) -> int 
 
 
 @dataclass(frozen=True)
-class QueueStatus:
+class QueueOverview:
     counts: dict[str, int]
     oldest_pending_age_seconds: float | None
     recent_batches: list[BatchMint]
     wallets: list[HotWallet]
 
 
-def queue_status(session: Session, recent: int = 10) -> QueueStatus:
+def queue_status(session: Session, recent: int = 10) -> QueueOverview:
     row = session.execute(
         text("SELECT pending, processing, completed, failed, oldest_pending_at FROM queue_stats")
     ).one()
@@ -246,7 +276,7 @@ def queue_status(session: Session, recent: int = 10) -> QueueStatus:
         session.scalars(select(BatchMint).order_by(BatchMint.created_at.desc()).limit(recent))
     )
     wallets = list(session.scalars(select(HotWallet).order_by(HotWallet.address)))
-    return QueueStatus(
+    return QueueOverview(
         wallets=wallets,
         counts=dict(zip(("pending", "processing", "completed", "failed"), row[:4], strict=True)),
         oldest_pending_age_seconds=age,

@@ -164,3 +164,14 @@ def test_one_transaction_paying_from_two_accounts_is_ambiguous(
     error = rejected(chain, tx_hash)
     assert (error.status, error.code) == (422, "ambiguous_payer")
     assert len(error.details["senders"]) == 2
+
+
+def test_usdc_minted_straight_to_pay_to_is_nobodys_payment(
+    chain: Chain, chainside: Chainside
+) -> None:
+    from deploy.pay import send_and_wait
+
+    minter = chainside.new_payer()
+    tx_hash = send_and_wait(chainside.w3, minter, chainside.usdc.functions.mint(PAY_TO, PRICE))
+    error = rejected(chain, tx_hash)
+    assert (error.status, error.code) == (422, "no_payer")
