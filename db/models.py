@@ -138,6 +138,11 @@ class MintQueueItem(Base):
             "queue_id",
             postgresql_where=text("status = 'pending'"),
         ),
+        Index(
+            "ix_mint_queue_unsettled_failures",
+            "settle_deadline",
+            postgresql_where=text("status = 'failed' AND payment_tx_hash IS NULL"),
+        ),
         Index("ix_mint_queue_payer", "payer", "created_at"),
         Index("ix_mint_queue_batch_id", "batch_id"),
     )

@@ -18,13 +18,14 @@ from typing import Any
 from eth_abi import decode as abi_decode
 from eth_utils import event_abi_to_log_topic, to_checksum_address
 from hexbytes import HexBytes
+from redis import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
-from db.models import BATCH_IN_FLIGHT, BatchMint, MintHistory, MintQueueItem
-from mintq import events, positions
+from db.models import BATCH_IN_FLIGHT, BatchMint, MintHistory, MintQueueItem, QueueStatus
+from mintq import events, positions, queue
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
@@ -33,7 +34,7 @@ from mintq.eip3009 import (
     normalize_signature,
 )
 from mintq.operating import OperatingSettings, load_operating_settings
-from mintq.payments import find_settlement
+from mintq.payments import authorization_state_call, find_settlement
 from mintq.wallet import (
     LostLock,
     LowFunds,
@@ -93,6 +94,7 @@ def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
     reconcile(minter, lock)
     with minter.sessions() as session:
         positions.reconcile(minter.redis, session)
+    requeue_settled_failures(minter)
     result.replaced = replace_stuck(minter, lock)
     while True:
         with minter.sessions() as session:
@@ -119,6 +121,72 @@ def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
             )
         )
     return result
+
+
+# How often the nonce owner looks for failed items whose authorization was settled since.
+RECHECK_FAILURES_SECONDS = 10
+_RECHECK_KEY = "mintq:recheck-failures"
+
+
+def requeue_settled_failures(minter: Minter) -> int:
+    """Failed, uncharged authorizations that someone has settled to us since: queue them again
+    as paid, so a payer charged after its item failed is still minted. Returns how many.
+
+    An authorization stays valid until its `validBefore` even after its item failed (the
+    payer's balance was short, an operator cancelled it, it neared expiry), and anyone may
+    submit it. Intake requeues it when the money is presented; this finds it when nobody does.
+    Checked at most every RECHECK_FAILURES_SECONDS, for authorizations not yet expired.
+    """
+    try:
+        if not minter.redis.set(_RECHECK_KEY, "1", nx=True, ex=RECHECK_FAILURES_SECONDS):
+            return 0
+    except RedisError:
+        pass  # check anyway: Postgres and the chain decide
+    with minter.sessions() as session:
+        failed = session.execute(
+            select(MintQueueItem.queue_id, MintQueueItem.payment_payload).where(
+                MintQueueItem.status == QueueStatus.FAILED,
+                MintQueueItem.payment_tx_hash.is_(None),
+                MintQueueItem.settle_deadline > func.now() - timedelta(minutes=1),
+            )
+        ).all()
+    if not failed:
+        return 0
+    chain = minter.chain
+    authorizations = [Authorization.from_json(p["authorization"]) for _, p in failed]
+    states = chain.rpc(
+        [
+            (
+                "eth_call",
+                [
+                    {
+                        "to": chain.usdc.address,
+                        "data": "0x" + authorization_state_call(a).hex(),
+                    },
+                    "latest",
+                ],
+            )
+            for a in authorizations
+        ]
+    )
+    requeued = 0
+    for (queue_id, _), auth, state in zip(failed, authorizations, states, strict=True):
+        if state is None or not int(state, 16):
+            continue
+        tx_hash = find_settlement(chain, auth)
+        if tx_hash is None:
+            continue  # cancelled, or spent elsewhere: it paid us nothing
+        with minter.sessions() as session, session.begin():
+            item = queue.requeue_paid(session, queue_id, tx_hash)
+        if item is not None:
+            requeued += 1
+            change = events.ItemChange(item.queue_id, item.status, item.created_at, None)
+            events.announce(minter.redis, [change])
+            log.warning(
+                "a failed authorization was settled on chain since; requeued as paid",
+                extra={"queueId": str(queue_id), "txHash": tx_hash},
+            )
+    return requeued
 
 
 def _batch_due(session: Session, ops: OperatingSettings) -> bool:

@@ -285,6 +285,15 @@ ERC1271_ABI = [
 ]
 
 
+def authorization_state_call(authorization: Authorization) -> bytes:
+    """USDC's `authorizationState(from, nonce)` calldata: whether the nonce is used."""
+    return AUTHORIZATION_STATE + _address_word(authorization.sender) + authorization.nonce
+
+
+def _address_word(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(address[2:])
+
+
 def settlement_call(authorization: Authorization, signature: bytes) -> bytes:
     """USDC's `transferWithAuthorization` calldata, with the signature bytes a batch sends."""
     # A contract wallet's (ERC-1271) signature goes as it is.
@@ -341,12 +350,11 @@ def verify_authorization(
     _check_signature(chain, authorization.sender, digest, signature, chain.usdc_domain)
 
     usdc = chain.usdc.address
-    sender_word = bytes(12) + bytes.fromhex(authorization.sender[2:])
     settle = settlement_call(authorization, signature)
     used_hex, balance_hex, simulated = chain.rpc(
         [
-            _eth_call(usdc, AUTHORIZATION_STATE + sender_word + authorization.nonce),
-            _eth_call(usdc, BALANCE_OF + sender_word),
+            _eth_call(usdc, authorization_state_call(authorization)),
+            _eth_call(usdc, BALANCE_OF + _address_word(authorization.sender)),
             _eth_call(usdc, settle),
         ]
     )

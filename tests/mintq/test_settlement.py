@@ -134,6 +134,33 @@ def test_a_payer_who_moved_the_money_away_fails_uncharged(
     assert chainside.mint_balance(payer.address) == 0
 
 
+def test_a_failed_authorization_someone_settles_later_is_minted_once(
+    minter: Minter, chainside: Chainside
+) -> None:
+    payer = chainside.new_payer(usdc=PRICE)
+    body = chainside.sign_authorization(payer)
+    payment = queue_gasless(minter, body)
+    send_and_wait(chainside.w3, payer, chainside.usdc.functions.transfer("0x" + "55" * 20, PRICE))
+    assert run_batch(minter) == ["confirmed"]
+    assert item_of(minter, payment).status == "failed"  # uncharged
+
+    # The payer has the money again, and anyone submits the still-valid authorization: the
+    # payer is charged, and nobody tells mintq. The nonce owner finds it on its own.
+    send_and_wait(chainside.w3, payer, chainside.usdc.functions.mint(payer.address, PRICE))
+    relay_tx = chainside.submit_authorization(body)
+    assert chainside.usdc_balance(payer.address) == 0
+    set_setting(minter, "batch_interval_seconds", "0")
+    minter.redis.delete(batching._RECHECK_KEY)  # not wait for the next check
+    assert run_batch(minter) == ["confirmed"]  # requeued as paid, and minted
+    item = item_of(minter, payment)
+    assert (item.status, item.payment_tx_hash) == ("completed", relay_tx.lower())
+    assert chainside.mint_balance(payer.address) == MINT_AMOUNT
+    assert chainside.usdc_balance(payer.address) == 0
+
+    minter.redis.delete(batching._RECHECK_KEY)
+    assert batching.requeue_settled_failures(minter) == 0  # and only once
+
+
 def test_soonest_expiring_authorizations_are_batched_first(
     minter: Minter, chainside: Chainside
 ) -> None:
