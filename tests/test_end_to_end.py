@@ -115,8 +115,8 @@ def test_fifty_concurrent_payments_are_each_minted_exactly_once(
     assert {i["status"] for i in items} == {"completed"}
     for payer in payers:
         assert chainside.mint_balance(payer.address) == MINT_AMOUNT
-    for tx_hash in hashes:
-        assert chainside.minted(tx_hash)
+    for item in items:
+        assert chainside.minted(item["paymentId"])
 
     engine = create_engine(settings.database_url)
     with engine.connect() as conn:

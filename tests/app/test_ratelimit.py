@@ -121,7 +121,8 @@ def test_a_payer_over_its_limit_is_refused_after_verifying_a_transfer(
 ) -> None:
     client = replica(services, rate_limit_per_payer=RateLimit(requests=1, seconds=60))
     payer = chainside.new_payer(usdc=2 * PRICE)
-    first = client.post("/mint", json={"paymentType": "custom", "txHash": chainside.pay(payer)})
+    first_tx = chainside.pay(payer)
+    first = client.post("/mint", json={"paymentType": "custom", "txHash": first_tx})
     assert first.status_code == 202
     second_tx = chainside.pay(payer)
     assert_limited(
@@ -130,10 +131,9 @@ def test_a_payer_over_its_limit_is_refused_after_verifying_a_transfer(
     items = client.get(f"/queue/payer/{payer.address}").get_json()["items"]
     assert [i["paymentId"] for i in items] == [first.get_json()["paymentId"]]
     # The same payment again answers as before, over the limit too.
-    again = client.post(
-        "/mint", json={"paymentType": "custom", "txHash": first.get_json()["paymentId"]}
-    )
+    again = client.post("/mint", json={"paymentType": "custom", "txHash": first_tx})
     assert again.status_code == 200
+    assert again.get_json()["queueId"] == first.get_json()["queueId"]
 
 
 @pytest.fixture
