@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import requests
 from flask import Blueprint, Response, current_app, request
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,6 +34,7 @@ from sqlalchemy.orm import QueryableAttribute
 from web3 import Web3
 
 from db.models import QUEUE_STATUSES, BatchMint, HotWallet, MintQueueItem
+from mintq.errors import MintqError
 from mintq.services import Services
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ _REASONS = (
 
 def short_reason(exc: BaseException) -> str:
     """A few words on why a dependency failed, safe to show to anyone."""
-    if isinstance(exc, TimeoutError | requests.Timeout | RedisTimeout):
+    if isinstance(exc, TimeoutError | RedisTimeout):
         return "timed out"
     seen: list[str] = []
     current: BaseException | None = exc
@@ -233,7 +233,7 @@ class MintqCollector:
         def attempt(source: str, fn: Callable[[], T]) -> T | None:
             try:
                 return call_with_timeout(fn)
-            except (SQLAlchemyError, RedisError, requests.RequestException, OSError) as exc:
+            except (SQLAlchemyError, RedisError, MintqError, OSError) as exc:
                 log.warning("metrics: %s unavailable: %s", source, short_reason(exc))
             except Exception:
                 log.exception("metrics: reading %s failed", source)

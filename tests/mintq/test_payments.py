@@ -175,3 +175,25 @@ def test_usdc_minted_straight_to_pay_to_is_nobodys_payment(
     tx_hash = send_and_wait(chainside.w3, minter, chainside.usdc.functions.mint(PAY_TO, PRICE))
     error = rejected(chain, tx_hash)
     assert (error.status, error.code) == (422, "no_payer")
+
+
+@pytest.mark.parametrize("length", [65, 64, 100, 1])
+def test_the_settlement_calldata_is_what_eth_abi_encodes(length: int) -> None:
+    from eth_abi import encode
+
+    from mintq.eip3009 import Authorization
+    from mintq.payments import TRANSFER_WITH_AUTHORIZATION, settlement_call
+
+    auth = Authorization(
+        sender=Account.create().address, to=PAY_TO, value=PRICE, valid_after=5,
+        valid_before=2**40, nonce=secrets.token_bytes(32),
+    )  # fmt: skip
+    signature = secrets.token_bytes(length)
+    if length == 65:
+        signature = signature[:32] + (1).to_bytes(32, "big") + b"\x1b"  # a low-s signature
+    expected = TRANSFER_WITH_AUTHORIZATION + encode(
+        ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"],
+        [auth.sender, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce,
+         signature],
+    )  # fmt: skip
+    assert settlement_call(auth, signature) == expected
