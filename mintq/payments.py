@@ -27,7 +27,7 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Excepti
 from db.models import PaymentType
 from mintq import eip3009
 from mintq.chain import Chain, chain_errors, decode_transfers
-from mintq.eip3009 import Authorization
+from mintq.eip3009 import Authorization, checksum_address
 from mintq.errors import DependencyUnavailable, PaymentRejected
 from mintq.settings import Settings
 
@@ -118,6 +118,10 @@ def _int(value: Any) -> int:
     return int(value, 16) if isinstance(value, str) else int(value)
 
 
+def _topic_address(topic: bytes) -> str:
+    return str(checksum_address("0x" + topic[-20:].hex()))
+
+
 def movements_to(logs: Sequence[Any], usdc: str, pay_to: str) -> list[Movement]:
     """The USDC transfers to `pay_to` in a receipt's `logs` (web3's or raw JSON-RPC's), each
     tied to the authorization that made it, if any."""
@@ -125,16 +129,16 @@ def movements_to(logs: Sequence[Any], usdc: str, pay_to: str) -> list[Movement]:
     previous: tuple[str, bytes] | None = None  # the (authorizer, nonce) of the log just before
     for log in logs:
         topics = [_hex_bytes(t) for t in log["topics"]]
-        if to_checksum_address(log["address"]) != usdc or not topics:
+        if checksum_address(log["address"]) != usdc or not topics:
             previous = None
             continue
         if topics[0] == AUTHORIZATION_USED_TOPIC and len(topics) == 3:
-            previous = (to_checksum_address(topics[1][-20:]), topics[2])
+            previous = (_topic_address(topics[1]), topics[2])
             continue
         authorized, previous = previous, None
         if topics[0] != TRANSFER_TOPIC or len(topics) != 3:
             continue
-        sender, to = to_checksum_address(topics[1][-20:]), to_checksum_address(topics[2][-20:])
+        sender, to = _topic_address(topics[1]), _topic_address(topics[2])
         data = _hex_bytes(log["data"])
         if to != pay_to or len(data) != 32:
             continue
