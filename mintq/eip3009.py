@@ -93,16 +93,20 @@ class Authorization:
     valid_before: int
     nonce: bytes
 
-    def struct_hash(self) -> bytes:
-        return keccak256(
-            TRANSFER_TYPEHASH
-            + _address_word(self.sender)
+    def encoded(self) -> bytes:
+        """The six fields as ABI words, in the order both the EIP-712 struct and
+        `transferWithAuthorization` take them."""
+        return (
+            _address_word(self.sender)
             + _address_word(self.to)
             + self.value.to_bytes(32, "big")
             + self.valid_after.to_bytes(32, "big")
             + self.valid_before.to_bytes(32, "big")
             + self.nonce
         )
+
+    def struct_hash(self) -> bytes:
+        return keccak256(TRANSFER_TYPEHASH + self.encoded())
 
     def digest(self, domain_separator: bytes) -> bytes:
         return keccak256(b"\x19\x01" + domain_separator + self.struct_hash())

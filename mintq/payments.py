@@ -306,12 +306,7 @@ def settlement_call(authorization: Authorization, signature: bytes) -> bytes:
     # Encoded by hand: eth_abi's checks cost more than the rest of a gasless intake's Python.
     return (
         TRANSFER_WITH_AUTHORIZATION
-        + _address_word(authorization.sender)
-        + _address_word(authorization.to)
-        + authorization.value.to_bytes(32, "big")
-        + authorization.valid_after.to_bytes(32, "big")
-        + authorization.valid_before.to_bytes(32, "big")
-        + authorization.nonce
+        + authorization.encoded()
         + (7 * 32).to_bytes(32, "big")  # where the bytes argument starts
         + len(signature).to_bytes(32, "big")
         + signature

@@ -6,7 +6,9 @@ two ways had two ids. From here an EIP-3009 authorization is `(chain, USDC, from
 wherever it is found, and a plain transfer `(chain, USDC, tx, log index)`
 (`mintq.payments`). Rows that carry an old-style id are given their canonical one; telling
 which needs the receipts, so this revision reads the chain (`RPC_URL`, `USDC_ADDRESS`,
-`PAY_TO`, as the app does) when, and only when, such rows exist.
+`PAY_TO`, as the app does) when, and only when, such rows exist. It applies `mintq.payments`'
+own rules, imported only then: a second copy of what identifies a payment here could drift
+from the one intake uses.
 
 Two old rows that turn out to be one payment were minted twice before this fix. The first
 keeps the canonical id; the later one gets an id of its own that no payment can have, and an
