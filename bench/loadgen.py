@@ -79,8 +79,9 @@ def _drive(
     perf_counter = time.perf_counter
     conns = [_Conn(sock) for sock in socks]
     by_fd: dict[int, _Conn] = {}
-    # epoll where there is one: selectors' wrapper costs the loop ~15 µs per request when each
-    # response wakes the process from sleep, which is the case at the server's real rates.
+    # epoll where there is one: selectors' wrapper adds a per-request cost to the loop when each
+    # response wakes the process from sleep, which is the case at the server's real rates, and
+    # the load generator must not be what limits the measurement.
     if hasattr(select, "epoll"):
         poller: Any = select.epoll()
         ready, wait_for = select.EPOLLIN, timeout

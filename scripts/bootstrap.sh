@@ -12,8 +12,8 @@ command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are
 # Python: a venv with the project and its dev tools, reinstalled when pyproject.toml changes.
 # Its interpreter is the distribution's Python 3.11+ where there is one (or MINTQ_PYTHON):
 # Debian builds it with profile-guided optimisation and links the interpreter statically,
-# and it runs mintq's request path about 10-25% faster than an unoptimised build with a
-# shared libpython (what pyenv builds by default, and what `python3` may find first on PATH).
+# so it runs mintq's request path faster than an unoptimised build with a shared libpython
+# (what pyenv builds by default, and what `python3` may find first on PATH).
 # (Debian's venv needs ensurepip, which only the python3-venv package provides.)
 python_ok() { "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
 if [ -n "${MINTQ_PYTHON:-}" ]; then
