@@ -30,12 +30,24 @@ from redis import Redis, RedisError
 from redis import TimeoutError as RedisTimeout
 from sqlalchemy import ColumnElement, Float, cast, extract, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import QueryableAttribute
+from sqlalchemy.orm import QueryableAttribute, Session
 from web3 import Web3
 
-from db.models import QUEUE_STATUSES, BatchMint, HotWallet, MintQueueItem
+from db.models import (
+    BATCH_IN_FLIGHT,
+    QUEUE_STATUSES,
+    WEBHOOK_EVENTS,
+    BatchMint,
+    HotWallet,
+    MintQueueItem,
+    WalletTransaction,
+    WebhookDelivery,
+)
 from mintq.errors import MintqError
+from mintq.operating import load_operating_settings
 from mintq.services import Services
+from mintq.wallet import Fees, max_fee_cap
+from mintq.webhooks import MAX_ATTEMPTS, backoff_seconds
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,10 @@ SOURCES = ("database", "redis", "chain")
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 200)
 GAS_PER_ITEM_BUCKETS = (20e3, 30e3, 40e3, 50e3, 60e3, 80e3, 100e3, 150e3, 200e3, 300e3, 500e3)
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600)
+
+# A delivery whose last attempt is older than its longest wait between retries plus a task's
+# time limit is no longer being retried (given up, or its task lost): not a backlog any more.
+WEBHOOK_RETRY_WINDOW_SECONDS = backoff_seconds(MAX_ATTEMPTS - 1) + 60
 
 T = TypeVar("T")
 
@@ -216,6 +232,16 @@ class _Wallet:
     next_nonce: int
 
 
+def replacements_within_cap(first: Fees, cap: int) -> int:
+    """How many fee-bump replacements a batch first signed at `first` may get before
+    MAX_FEE_GWEI (`cap`) leaves no room: each one raises its fees by the smallest valid bump,
+    so this is the most there can be (a market above the bump only makes fewer)."""
+    count, fees = 0, first
+    while (bumped := fees.bumped(fees, cap)) is not None and bumped.max_fee > fees.max_fee:
+        count, fees = count + 1, bumped
+    return count
+
+
 class MintqCollector:
     """Reads every metric from the shared state on each scrape; keeps nothing in between.
 
@@ -289,10 +315,37 @@ class MintqCollector:
             ).one()
             # The wallet that sent last is the current one (a rotated key leaves an old row).
             wallet_row = session.execute(
-                select(HotWallet.address, HotWallet.next_nonce)
+                select(HotWallet.address, HotWallet.next_nonce, HotWallet.low_funds_since)
                 .order_by(HotWallet.updated_at.desc())
                 .limit(1)
             ).one_or_none()
+            # Nonces are mined in order: while the oldest batch in flight is not mined, no
+            # later one can be, so its age and its fees say whether the wallet is stuck.
+            first_fees = (
+                select(
+                    WalletTransaction.max_fee_per_gas, WalletTransaction.max_priority_fee_per_gas
+                )
+                .where(WalletTransaction.batch_id == BatchMint.batch_id)
+                .order_by(WalletTransaction.created_at)
+                .limit(1)
+                .lateral()
+            )
+            oldest_in_flight = session.execute(
+                select(
+                    extract("epoch", func.now() - BatchMint.created_at),
+                    first_fees.c.max_fee_per_gas,
+                    first_fees.c.max_priority_fee_per_gas,
+                )
+                .outerjoin(first_fees, text("true"))
+                .where(BatchMint.status.in_(BATCH_IN_FLIGHT))
+                .order_by(BatchMint.created_at)
+                .limit(1)
+            ).one_or_none()
+            last_batch_age = session.scalar(
+                select(extract("epoch", func.now() - func.max(BatchMint.created_at)))
+            )
+            ops = load_operating_settings(session)
+            webhooks = self._webhook_backlog(session)
 
         items = GaugeMetricFamily("mintq_queue_items", "Queue items by status.", labels=["status"])
         for status, count in zip(QUEUE_STATUSES, stats[:4], strict=True):
@@ -315,8 +368,124 @@ class MintqCollector:
             metrics.append(spec.family(batches[start : start + spec.width]))
             start += spec.width
         metrics.append(REQUEST_TO_COMPLETED.family(completed))
-        wallet = _Wallet(wallet_row[0], int(wallet_row[1])) if wallet_row else None
+        metrics += self._batch_progress(
+            oldest_in_flight, last_batch_age, ops.batch_interval_seconds
+        )
+        metrics.append(
+            GaugeMetricFamily(
+                "mintq_batching_paused",
+                "1 while an operator has paused batching (system setting `paused`).",
+                value=1 if ops.paused else 0,
+            )
+        )
+        metrics += webhooks
+        wallet = None
+        if wallet_row:
+            wallet = _Wallet(wallet_row[0], int(wallet_row[1]))
+            low_funds = GaugeMetricFamily(
+                "mintq_hot_wallet_low_funds",
+                "1 while the wallet cannot pay for its next transaction (so sends nothing).",
+                labels=["wallet", "address"],
+            )
+            low_funds.add_metric(
+                ["hot", Web3.to_checksum_address(wallet.address)],
+                0 if wallet_row[2] is None else 1,
+            )
+            metrics.append(low_funds)
         return metrics, wallet
+
+    def _batch_progress(
+        self, oldest_in_flight: Any, last_batch_age: Any, interval: float
+    ) -> list[Metric]:
+        stuck_after = self.services.settings.stuck_after_seconds
+        age, budget = 0.0, 0.0
+        if oldest_in_flight is not None:
+            age = float(oldest_in_flight[0])
+            if oldest_in_flight[1] is not None:
+                first = Fees(int(oldest_in_flight[1]), int(oldest_in_flight[2]))
+                cap = max_fee_cap(self.services.settings)
+                budget = stuck_after * replacements_within_cap(first, cap)
+        metrics: list[Metric] = [
+            GaugeMetricFamily(
+                "mintq_oldest_in_flight_batch_age_seconds",
+                "Seconds since the oldest batch still signed or sent was signed; 0 when none.",
+                value=age,
+            ),
+            GaugeMetricFamily(
+                "mintq_batch_stuck_after_seconds",
+                "STUCK_AFTER_SECONDS: a batch not mined this long after a send is replaced.",
+                value=stuck_after,
+            ),
+            GaugeMetricFamily(
+                "mintq_batch_replacement_budget_seconds",
+                "The longest the oldest in-flight batch's fee-bump replacements may take: "
+                "STUCK_AFTER_SECONDS per bump its first fees leave room for under MAX_FEE_GWEI; "
+                "0 when none is in flight.",
+                value=budget,
+            ),
+            GaugeMetricFamily(
+                "mintq_batch_interval_seconds",
+                "The operating setting batch_interval_seconds: how long pending items may wait "
+                "for a batch that is not full.",
+                value=interval,
+            ),
+        ]
+        if last_batch_age is not None:
+            metrics.append(
+                GaugeMetricFamily(
+                    "mintq_last_batch_age_seconds",
+                    "Seconds since the newest batch was signed; left out before the first one.",
+                    value=float(last_batch_age),
+                )
+            )
+        return metrics
+
+    @staticmethod
+    def _webhook_backlog(session: Session) -> list[Metric]:
+        """Webhooks of final items that are not delivered and still due: never attempted, or
+        failed and within the retry schedule."""
+        item = MintQueueItem
+        delivery = WebhookDelivery
+        retried_since = func.now() - func.make_interval(
+            0, 0, 0, 0, 0, 0, WEBHOOK_RETRY_WINDOW_SECONDS
+        )
+        count, oldest = session.execute(
+            select(
+                func.count(),
+                extract(
+                    "epoch",
+                    func.now()
+                    - func.min(
+                        func.coalesce(delivery.created_at, item.completed_at, item.updated_at)
+                    ),
+                ),
+            )
+            .select_from(item)
+            .outerjoin(
+                delivery,
+                (delivery.queue_id == item.queue_id) & (delivery.event == item.status),
+            )
+            .where(
+                item.callback_url.is_not(None),
+                item.status.in_(WEBHOOK_EVENTS),
+                delivery.delivered_at.is_(None),
+                delivery.queue_id.is_(None)
+                | ((delivery.attempts < MAX_ATTEMPTS) & (delivery.updated_at > retried_since)),
+            )
+        ).one()
+        return [
+            GaugeMetricFamily(
+                "mintq_webhooks_undelivered",
+                "Webhooks of completed or failed items not delivered yet and still due.",
+                value=float(count),
+            ),
+            GaugeMetricFamily(
+                "mintq_webhooks_oldest_undelivered_age_seconds",
+                "Age of the oldest of those, from its first attempt or else the item's final "
+                "state; 0 when none.",
+                value=float(oldest or 0),
+            ),
+        ]
 
     def _chain(self, wallet: _Wallet | None) -> list[Metric]:
         """The head block always; the hot wallet's once a batch has recorded its address."""

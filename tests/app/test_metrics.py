@@ -189,3 +189,107 @@ def test_metrics_reads_the_shared_state_not_the_process(
     queue_payments(minter, 4)
     assert value(scrape(app), "mintq_queue_items", status="pending") == 4
     assert value(scrape(other_replica), "mintq_queue_items", status="pending") == 4
+
+
+def execute(settings: Settings, sql: str, **params: object) -> None:
+    engine = create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text(sql), params)
+    engine.dispose()
+
+
+def test_a_batch_in_flight_shows_its_age_and_its_replacement_budget(
+    app: Flask, minter: Minter, settings: Settings
+) -> None:
+    before = scrape(app)
+    assert value(before, "mintq_oldest_in_flight_batch_age_seconds") == 0
+    assert value(before, "mintq_batch_replacement_budget_seconds") == 0
+    assert value(before, "mintq_batch_stuck_after_seconds") == settings.stuck_after_seconds
+    assert "mintq_last_batch_age_seconds" not in before  # no batch yet
+
+    queue_payments(minter, 2)
+    result = batching.process_queue(minter)
+    metrics = scrape(app)
+    assert value(metrics, "mintq_oldest_in_flight_batch_age_seconds") >= 0
+    assert 0 <= value(metrics, "mintq_last_batch_age_seconds") < 60
+    # Bumps of 12.5% from the batch's first fees up to MAX_FEE_GWEI, STUCK_AFTER_SECONDS each.
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        first_fee = conn.execute(text("SELECT max_fee_per_gas FROM wallet_transactions")).scalar()
+    engine.dispose()
+    budget = value(metrics, "mintq_batch_replacement_budget_seconds")
+    bumps = budget / settings.stuck_after_seconds
+    assert bumps == int(bumps) and bumps >= 1
+    cap = int(settings.max_fee_gwei * 10**9)
+    assert int(first_fee) * 1.125 ** (bumps - 1) <= cap < int(first_fee) * 1.125 ** (bumps + 1)
+
+    # An hour in flight is past any budget a low fee leaves at the default cap.
+    execute(settings, "UPDATE batch_mints SET created_at = now() - interval '1 hour'")
+    assert value(scrape(app), "mintq_oldest_in_flight_batch_age_seconds") >= 3600
+
+    assert batching.confirm_batch(minter, result.sent[0]).state == "confirmed"
+    after = scrape(app)
+    assert value(after, "mintq_oldest_in_flight_batch_age_seconds") == 0
+    assert value(after, "mintq_batch_replacement_budget_seconds") == 0
+    assert value(after, "mintq_last_batch_age_seconds") >= 3600
+
+
+def test_operating_settings_and_low_funds_are_exported(
+    app: Flask, settings: Settings, minter: Minter
+) -> None:
+    metrics = scrape(app)
+    assert value(metrics, "mintq_batch_interval_seconds") == 10
+    assert value(metrics, "mintq_batching_paused") == 0
+    assert "mintq_hot_wallet_low_funds" not in metrics  # no wallet has sent yet
+
+    execute(
+        settings,
+        "UPDATE system_settings SET value = CASE key WHEN 'batch_interval_seconds' THEN '25' "
+        "WHEN 'paused' THEN 'true' ELSE value END",
+    )
+    execute(
+        settings,
+        "INSERT INTO hot_wallets (address, next_nonce, low_funds_since) VALUES (:a, 0, now())",
+        a=minter.address,
+    )
+    metrics = scrape(app)
+    assert value(metrics, "mintq_batch_interval_seconds") == 25
+    assert value(metrics, "mintq_batching_paused") == 1
+    assert value(metrics, "mintq_hot_wallet_low_funds", wallet="hot", address=minter.address) == 1
+
+    execute(settings, "UPDATE hot_wallets SET low_funds_since = NULL")
+    metrics = scrape(app)
+    assert value(metrics, "mintq_hot_wallet_low_funds", wallet="hot", address=minter.address) == 0
+
+
+def test_webhooks_not_delivered_and_still_due_are_the_backlog(
+    app: Flask, settings: Settings, minter: Minter
+) -> None:
+    assert value(scrape(app), "mintq_webhooks_undelivered") == 0
+    with minter.sessions() as session:
+        items = [queue.enqueue(session, paid(), "https://hooks.example/x")[0] for _ in range(4)]
+        queue.enqueue(session, paid())  # no callbackUrl: no webhook
+        session.commit()
+    ids = [str(item.queue_id) for item in items]
+    execute(
+        settings,
+        "UPDATE mint_queue SET status = 'completed', completed_at = now() - interval '5 minutes'",
+    )
+    # 0: never attempted; 1: failed once just now; 2: delivered; 3: given up long ago.
+    execute(
+        settings,
+        "INSERT INTO webhook_deliveries (queue_id, event, attempts, delivered_at, updated_at) "
+        "VALUES (:r, 'completed', 1, NULL, now()), (:d, 'completed', 1, now(), now()), "
+        "(:g, 'completed', 2, NULL, now() - interval '1 hour')",
+        r=ids[1],
+        d=ids[2],
+        g=ids[3],
+    )
+    try:
+        metrics = scrape(app)
+        assert value(metrics, "mintq_webhooks_undelivered") == 2
+        assert 290 <= value(metrics, "mintq_webhooks_oldest_undelivered_age_seconds") < 400
+    finally:
+        execute(
+            settings, "DELETE FROM webhook_deliveries WHERE queue_id::text = ANY(:ids)", ids=ids
+        )
