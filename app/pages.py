@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, abort, current_app, jsonify, send_from_directory
 
 from app.openapi import build_spec
 
@@ -15,6 +16,16 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
+
+
+# The docs page is Swagger UI from npm (package.json pins it; scripts/bootstrap.sh installs it).
+# Only the files the page loads are served: the package also holds a demo page that would show
+# the Swagger petstore, and source maps nobody asked for.
+SWAGGER_UI = Path(__file__).resolve().parent.parent / "node_modules" / "swagger-ui-dist"
+SWAGGER_UI_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+}
 
 
 def _page(name: str) -> Response:
@@ -44,6 +55,25 @@ def docs_page() -> Response:
         200: {description: An HTML page, content: {text/html: {schema: {type: string}}}}
     """
     return _page("docs.html")
+
+
+@bp.get("/docs/assets/<name>")
+def docs_asset(name: str) -> Response:
+    """A file of Swagger UI, which renders the API docs page.
+    ---
+    get:
+      responses:
+        200:
+          description: The script or the stylesheet
+          content:
+            text/javascript: {schema: {type: string}}
+            text/css: {schema: {type: string}}
+        404: {$ref: "#/components/responses/Error"}
+    """
+    mimetype = SWAGGER_UI_ASSETS.get(name)
+    if mimetype is None:
+        abort(404)
+    return send_from_directory(SWAGGER_UI, name, mimetype=mimetype)
 
 
 @bp.get("/openapi.json")

@@ -40,9 +40,11 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   touch .venv/.installed
 fi
 
-# Node: solc-js, OpenZeppelin and anvil, as locked. Not `npm ci`: the lock cannot list anvil's
-# binaries for other platforms (the registry mirror here has none), and `npm ci` refuses that.
-if [ ! -d node_modules/@foundry-rs/anvil ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+# Node: solc-js, OpenZeppelin and anvil, and Swagger UI for /docs, as locked. Not `npm ci`: the
+# lock cannot list anvil's binaries for other platforms (the registry mirror here has none), and
+# `npm ci` refuses that.
+if [ ! -d node_modules/@foundry-rs/anvil ] || [ ! -d node_modules/swagger-ui-dist ] \
+  || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing Node packages"
   npm install --no-audit --no-fund --loglevel=error
 fi
