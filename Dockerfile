@@ -15,8 +15,9 @@ COPY db db
 COPY mintq mintq
 COPY deploy deploy
 COPY contracts contracts
-COPY celeryconfig.py ./
+COPY celeryconfig.py gunicorn.conf.py ./
 RUN pip install --no-cache-dir .
 
+# A role of deploy/processes.py (api, worker, webhooks, beat, flower) or any command.
 ENTRYPOINT ["deploy/entrypoint.sh"]
-CMD ["python", "-m", "gunicorn", "app.wsgi:app", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--threads", "8", "--worker-tmp-dir", "/dev/shm"]
+CMD ["api", "--host", "0.0.0.0"]

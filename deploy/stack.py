@@ -33,11 +33,18 @@ from sqlalchemy.engine import make_url
 from web3 import Web3
 
 from deploy.devchain import ANVIL_KEYS, Anvil, deploy, start_anvil
+from deploy.processes import (  # the command lines, also imported from here by tests
+    REPO_ROOT,
+    STATE_DIR,
+    api_command,
+    beat_command,
+    flower_basic_auth,
+    flower_command,
+    print_generated_logins,
+    webhook_worker_command,
+    worker_command,
+)
 from mintq.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, MIN_ADMIN_TOKEN_LENGTH
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STATE_DIR = REPO_ROOT / ".mintq"
-PYTHON = sys.executable
 
 # Dev chain roles: account 0 deploys, account 1 is the hot wallet, account 2 receives payments.
 DEV_DEPLOYER_KEY = ANVIL_KEYS[0]
@@ -226,80 +233,6 @@ class Supervisor:
         return None
 
 
-def api_command(
-    port: int,
-    workers: int | None = None,
-    host: str = "127.0.0.1",
-    threads: int = 8,
-    *,
-    access_log: bool = False,
-) -> list[str]:
-    # Two per core with 8 threads measured best for intake (bench.intake; 2x16, 3x8, 4x4,
-    # 6x6, 8x2 and 12x1 did no better), and each live-update stream holds a thread for its
-    # whole life: 8 keeps room for them.
-    workers = workers or 2 * (os.cpu_count() or 1)
-    return [
-        PYTHON, "-m", "gunicorn", "app.wsgi:app",
-        "--bind", f"{host}:{port}",
-        "--workers", str(workers),
-        "--worker-class", "gthread",
-        "--threads", str(threads),
-        "--graceful-timeout", "20",
-        # Each worker's heartbeat touches a file on every pass of its loop (twice a request):
-        # on a disk that is a metadata write each time; in memory it costs ~8% less CPU.
-        *(["--worker-tmp-dir", "/dev/shm"] if Path("/dev/shm").is_dir() else []),
-        # Behind a load balancer it writes the access log (deploy/nginx.conf), as the
-        # Dockerfile assumes: gunicorn's own costs ~6% of intake's CPU. For a lone API (up.sh).
-        *(["--access-logfile", "-"] if access_log else []),
-    ]  # fmt: skip
-
-
-def worker_command(name: str = "worker", concurrency: int = 2, queue: str = "celery") -> list[str]:
-    """A Celery worker: by default the batch worker (batches, confirmations)."""
-    return [
-        PYTHON, "-m", "celery", "-A", "tasks", "worker",
-        "--loglevel", "INFO",
-        "--concurrency", str(concurrency),
-        "--queues", queue,
-        "--hostname", f"{name}@%h",
-    ]  # fmt: skip
-
-
-def webhook_worker_command(name: str = "webhooks", concurrency: int = 2) -> list[str]:
-    """The worker that delivers webhooks, apart from the batch worker (see celeryconfig)."""
-    return worker_command(name, concurrency, queue="webhooks")
-
-
-def beat_command(schedule_file: Path) -> list[str]:
-    return [
-        PYTHON, "-m", "celery", "-A", "tasks", "beat",
-        "--loglevel", "INFO",
-        "--schedule", str(schedule_file),
-    ]  # fmt: skip
-
-
-def flower_command(port: int, basic_auth: str) -> list[str]:
-    return [
-        PYTHON, "-m", "celery", "-A", "tasks", "flower",
-        f"--port={port}", "--address=127.0.0.1", f"--basic-auth={basic_auth}",
-    ]  # fmt: skip
-
-
-def flower_basic_auth(env: Mapping[str, str]) -> tuple[str, bool]:
-    """Flower's `user:password` from FLOWER_BASIC_AUTH, or `admin` and a new random password.
-
-    Returns the credentials and whether they were generated (and so must be shown once).
-    """
-    configured = env.get("FLOWER_BASIC_AUTH", "").strip()
-    if not configured:
-        return f"admin:{secrets.token_urlsafe(16)}", True
-    for credential in configured.split(","):
-        user, _, password = credential.partition(":")
-        if not user or not password:
-            raise SystemExit("FLOWER_BASIC_AUTH must be user:password (see .env.example)")
-    return configured, False
-
-
 def admin_token(env: Mapping[str, str]) -> tuple[str, bool]:
     """The admin API's bearer token from ADMIN_TOKEN, or a new random one, so that an operator
     can use the admin API of a stack started without configuring it (the app alone answers
@@ -316,18 +249,6 @@ def admin_token(env: Mapping[str, str]) -> tuple[str, bool]:
             f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters (see .env.example)"
         )
     return configured, False
-
-
-def print_generated_logins(*, flower_auth: str | None, admin_token: str | None) -> None:
-    """Show the credentials the stack made up, once; configured ones (None) are never shown."""
-    if flower_auth is not None:
-        print(f"Flower login: admin / {flower_auth.partition(':')[2]}", flush=True)
-    if admin_token is not None:
-        print(
-            f"Admin API token: {admin_token}  (Authorization: Bearer <token>; "
-            "set ADMIN_TOKEN in .env to keep one across restarts)",
-            flush=True,
-        )
 
 
 # --- main --------------------------------------------------------------------------------
