@@ -27,3 +27,7 @@ if os.path.isdir("/dev/shm"):
 # Behind a load balancer it writes the access log (deploy/nginx.conf): gunicorn's own would cost
 # intake CPU for lines already written. A lone API (the dev stack) asks for it on the command line.
 accesslog = None
+
+# No `gunicornc` control socket: every API on a host (replicas, tests) would share its one
+# default path, and nothing here uses it.
+control_socket_disable = True
