@@ -36,13 +36,6 @@ export async function getJSON(url) {
   return body;
 }
 
-/** Text where `backticks` become <code>: enough markdown for the API's descriptions. */
-export function richText(text) {
-  return String(text ?? "")
-    .split("`")
-    .map((part, i) => (i % 2 ? el("code", {}, part) : document.createTextNode(part)));
-}
-
 export function shortHash(hash) {
   return hash.length > 14 ? `${hash.slice(0, 6)}…${hash.slice(-4)}` : hash;
 }
