@@ -30,6 +30,7 @@ from web3.types import RPCEndpoint, RPCResponse
 
 from mintq.eip3009 import Domain
 from mintq.errors import DependencyUnavailable
+from mintq.networks import Network
 from mintq.settings import Settings
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "contracts" / "artifacts"
@@ -290,3 +291,56 @@ class Chain:
     def network(self) -> str:
         """The CAIP-2 id of the chain, e.g. `eip155:31337`."""
         return f"eip155:{self.chain_id}"
+
+
+class StartCheckFailed(RuntimeError):
+    """The node or its USDC is not the network `NETWORK` names: the process must not start.
+
+    Its message is one line for the operator; the entry points print it and exit.
+    """
+
+
+def check_network(chain: Chain, network: Network) -> None:
+    """Refuse a node on another chain, no contract at the network's USDC address, or a USDC
+    whose EIP-712 name or version is not the one clients will sign with."""
+    where = f"NETWORK={network.name}"
+    try:
+        chain_id = chain.call(lambda: int(chain.w3.eth.chain_id))
+        if chain_id != network.chain_id:
+            raise StartCheckFailed(
+                f"{where}: the node at RPC_URL serves chain id {chain_id}, not {network.chain_id}"
+            )
+        code = chain.call(lambda: bytes(chain.w3.eth.get_code(chain.usdc.address)))
+        if not code:
+            raise StartCheckFailed(
+                f"{where}: no contract at USDC_ADDRESS {chain.usdc.address} on chain {chain_id}"
+            )
+        try:
+            name, version = chain.call(
+                lambda: (
+                    str(chain.usdc.functions.name().call()),
+                    str(chain.usdc.functions.version().call()),
+                )
+            )
+        except DependencyUnavailable:
+            raise
+        except Exception as exc:  # a revert: the contract there is not a FiatToken
+            raise StartCheckFailed(
+                f"{where}: the contract at USDC_ADDRESS {chain.usdc.address} does not answer "
+                f"name() and version() ({type(exc).__name__})"
+            ) from None
+    except DependencyUnavailable:
+        raise StartCheckFailed(
+            f"{where}: the node at RPC_URL did not answer, so the network cannot be checked"
+        ) from None
+    if (name, version) != (network.usdc_name, network.usdc_version):
+        raise StartCheckFailed(
+            f"{where}: USDC at {chain.usdc.address} has EIP-712 name {name!r} and version "
+            f"{version!r}, expected {network.usdc_name!r} and {network.usdc_version!r}"
+        )
+
+
+def start_check(settings: Settings) -> None:
+    """At process start: with `NETWORK` set, check the node against it (`check_network`)."""
+    if settings.network is not None:
+        check_network(Chain(settings), settings.network)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -9,7 +10,11 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import TypeVar
 
+from eth_account import Account
 from eth_utils import is_address, to_checksum_address
+
+from mintq import networks
+from mintq.networks import Network
 
 N = TypeVar("N", int, float, Decimal)
 
@@ -37,6 +42,12 @@ class Settings:
     price: int
     # Only the worker signs; API processes run without the key.
     minter_private_key: str | None = field(default=None, repr=False)
+    # Or the key in an encrypted JSON keystore, unlocked by the password in a file: the paths
+    # only, decrypted when a worker asks for the key.
+    minter_keystore: str | None = None
+    minter_keystore_password_file: str | None = None
+    # `NETWORK=base`: the chain and USDC the node must be serving (checked at start).
+    network: Network | None = None
     # Bearer token of the admin API (`/admin/...`); unset, the admin API answers 503.
     admin_token: str | None = field(default=None, repr=False)
     confirmations: int = 1
@@ -90,9 +101,15 @@ class Settings:
         return self.celery_broker_url or self.redis_url
 
     def require_minter_key(self) -> str:
-        if not self.minter_private_key:
-            raise ConfigError("MINTER_PRIVATE_KEY is required to send batches (worker only)")
-        return self.minter_private_key
+        """The hot wallet's key, from MINTER_PRIVATE_KEY or decrypted from MINTER_KEYSTORE."""
+        if self.minter_private_key:
+            return self.minter_private_key
+        if self.minter_keystore and self.minter_keystore_password_file:
+            return decrypt_keystore(self.minter_keystore, self.minter_keystore_password_file)
+        raise ConfigError(
+            "MINTER_PRIVATE_KEY (or MINTER_KEYSTORE and MINTER_KEYSTORE_PASSWORD_FILE) is "
+            "required to send batches (worker only)"
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -134,6 +151,34 @@ class Settings:
         if price == 0:
             raise ConfigError("PRICE must be above zero")
         key = source.get("MINTER_PRIVATE_KEY", "").strip() or None
+        keystore = source.get("MINTER_KEYSTORE", "").strip() or None
+        password_file = source.get("MINTER_KEYSTORE_PASSWORD_FILE", "").strip() or None
+        if key and (keystore or password_file):
+            raise ConfigError(
+                "set either MINTER_PRIVATE_KEY or MINTER_KEYSTORE (with "
+                "MINTER_KEYSTORE_PASSWORD_FILE), not both"
+            )
+        if bool(keystore) != bool(password_file):
+            raise ConfigError(
+                "MINTER_KEYSTORE and MINTER_KEYSTORE_PASSWORD_FILE go together: set both"
+            )
+        network = None
+        raw_network = source.get("NETWORK", "").strip()
+        if raw_network:
+            try:
+                network = networks.get(raw_network)
+            except networks.UnknownNetwork as exc:
+                raise ConfigError(str(exc)) from None
+        if network is not None and not source.get("USDC_ADDRESS", "").strip():
+            usdc_address = network.usdc
+        else:
+            usdc_address = address("USDC_ADDRESS")
+            if network is not None and usdc_address != to_checksum_address(network.usdc):
+                raise ConfigError(
+                    f"USDC_ADDRESS {usdc_address} is not USDC on {network.name} "
+                    f"({network.usdc}): leave USDC_ADDRESS unset with NETWORK set"
+                )
+        default_confirmations = str(network.confirmations) if network else "1"
         webhook_hosts = allowed_hosts(source.get("WEBHOOK_ALLOWED_HOSTS", ""))
         webhook_secret = source.get("WEBHOOK_SECRET", "").strip() or None
         if webhook_hosts and (webhook_secret is None or len(webhook_secret) < 16):
@@ -151,13 +196,16 @@ class Settings:
             database_url=source.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL,
             redis_url=source.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL,
             rpc_url=required("RPC_URL"),
-            usdc_address=address("USDC_ADDRESS"),
+            usdc_address=to_checksum_address(usdc_address),
             token_address=address("TOKEN_ADDRESS"),
             pay_to=address("PAY_TO"),
             price=price,
             minter_private_key=key,
+            minter_keystore=keystore,
+            minter_keystore_password_file=password_file,
+            network=network,
             admin_token=admin_token,
-            confirmations=max(1, number("CONFIRMATIONS", "1", int)),
+            confirmations=max(1, number("CONFIRMATIONS", default_confirmations, int)),
             gas_limit_multiplier=number("GAS_LIMIT_MULTIPLIER", "1.1", Decimal),
             max_fee_gwei=number("MAX_FEE_GWEI", "500", Decimal),
             confirm_poll_seconds=number("CONFIRM_POLL_SECONDS", "1", float),
@@ -211,6 +259,38 @@ class RateLimit:
         if limit.requests < 0 or limit.seconds < 0:
             raise ConfigError(f"{name} must not be negative, got {raw!r}")
         return limit if limit.requests and limit.seconds else None
+
+
+def decrypt_keystore(keystore: str, password_file: str) -> str:
+    """The private key in an encrypted JSON keystore (`Account.encrypt`'s format).
+
+    Errors name the files, never their contents: neither the password nor the key may reach a
+    log line.
+    """
+    try:
+        with open(keystore, encoding="utf-8") as f:
+            encrypted = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"MINTER_KEYSTORE {keystore} cannot be read: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"MINTER_KEYSTORE {keystore} is not a JSON keystore") from None
+    try:
+        with open(password_file, encoding="utf-8") as f:
+            # The file's last line break is not part of the password (`echo pw > file`).
+            password = f.read().removesuffix("\n").removesuffix("\r")
+    except OSError as exc:
+        raise ConfigError(
+            f"MINTER_KEYSTORE_PASSWORD_FILE {password_file} cannot be read: {exc.strerror}"
+        ) from None
+    try:
+        key = bytes(Account.decrypt(encrypted, password))
+    except Exception:
+        # A wrong password is a MAC mismatch; the exception may quote the keystore's fields.
+        raise ConfigError(
+            f"MINTER_KEYSTORE {keystore} cannot be decrypted: wrong password in "
+            f"MINTER_KEYSTORE_PASSWORD_FILE {password_file}, or not a keystore"
+        ) from None
+    return "0x" + key.hex()
 
 
 def flag(source: Mapping[str, str], name: str) -> bool:

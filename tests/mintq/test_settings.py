@@ -1,4 +1,8 @@
+import json
+from pathlib import Path
+
 import pytest
+from eth_account import Account
 
 from mintq.settings import ConfigError, Settings
 
@@ -45,3 +49,52 @@ def test_minter_key_never_shows_in_repr() -> None:
 def test_api_processes_run_without_the_key() -> None:
     with pytest.raises(ConfigError, match="MINTER_PRIVATE_KEY"):
         Settings.from_env(BASE).require_minter_key()
+
+
+PASSWORD = "correct horse battery staple"
+WRONG = "not-the-password-42"
+
+
+def keystore(tmp_path: Path, password: str = PASSWORD) -> dict[str, str]:
+    """The env naming a keystore of KEY (as `Account.encrypt` writes it) and its password."""
+    key_path = tmp_path / "minter.json"
+    key_path.write_text(json.dumps(Account.encrypt(KEY, PASSWORD, kdf="scrypt", iterations=2)))
+    password_path = tmp_path / "password"
+    password_path.write_text(password + "\n")
+    return {"MINTER_KEYSTORE": str(key_path), "MINTER_KEYSTORE_PASSWORD_FILE": str(password_path)}
+
+
+def test_the_key_can_come_from_a_keystore(tmp_path: Path) -> None:
+    settings = Settings.from_env({**BASE, **keystore(tmp_path)})
+    assert settings.require_minter_key() == KEY
+    assert KEY[2:] not in repr(settings)
+    assert PASSWORD not in repr(settings)
+
+
+def test_a_wrong_keystore_password_names_the_files_not_the_secrets(tmp_path: Path) -> None:
+    settings = Settings.from_env({**BASE, **keystore(tmp_path, password=WRONG)})
+    with pytest.raises(ConfigError, match="cannot be decrypted: wrong password") as info:
+        settings.require_minter_key()
+    shown = str(info.value) + repr(info.value) + repr(settings)
+    assert KEY[2:] not in shown
+    assert PASSWORD not in shown
+    assert WRONG not in shown
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_missing_keystore_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**BASE, **keystore(tmp_path), "MINTER_KEYSTORE": str(tmp_path / "gone.json")}
+    with pytest.raises(ConfigError, match=r"MINTER_KEYSTORE .*gone\.json cannot be read"):
+        Settings.from_env(env).require_minter_key()
+
+
+def test_a_key_and_a_keystore_together_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="either MINTER_PRIVATE_KEY or MINTER_KEYSTORE") as info:
+        Settings.from_env({**BASE, **keystore(tmp_path), "MINTER_PRIVATE_KEY": KEY})
+    assert KEY[2:] not in str(info.value)
+
+
+def test_a_keystore_needs_its_password_file(tmp_path: Path) -> None:
+    env = {**BASE, "MINTER_KEYSTORE": keystore(tmp_path)["MINTER_KEYSTORE"]}
+    with pytest.raises(ConfigError, match="MINTER_KEYSTORE_PASSWORD_FILE"):
+        Settings.from_env(env)
