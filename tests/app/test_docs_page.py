@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import requests
+from common.browser import CHROMEDRIVER, CHROMIUM, FLAGS
 from flask import Flask
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
@@ -25,22 +26,6 @@ from app import create_app
 from conftest import serving
 from mintq.services import Services
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# No internet here: without these Chromium keeps trying to reach Google's services.
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--lang=en-US",
-    "--window-size=1280,1100",
-)
 SCREENSHOTS = Path(tempfile.gettempdir())
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from common.browser import CHROMEDRIVER, CHROMIUM, FLAGS
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -28,22 +29,6 @@ from conftest import Chainside, serving
 from mintq.services import Services
 from mintq.settings import Settings
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# No internet here: without these Chromium keeps trying to reach Google's services.
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--lang=en-US",
-    "--window-size=1280,1100",
-)
 SCREENSHOT = Path("/tmp/status_page.png")
 
 pytestmark = pytest.mark.skipif(
