@@ -249,19 +249,6 @@ class Chain:
         """
         return [answer.get("result") for answer in self._batch(calls)]
 
-    def eth_calls(self, calls: list[tuple[str, bytes]]) -> list[bytes]:
-        """Several read-only `eth_call`s at the latest block in one JSON-RPC batch request:
-        one round trip where web3's contract calls take one each."""
-        answers = self._batch(
-            [("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"]) for to, data in calls]
-        )
-        results = []
-        for answer in answers:
-            if "result" not in answer:
-                raise DependencyUnavailable("chain", f"eth_call failed: {answer.get('error')}")
-            results.append(bytes.fromhex(answer["result"].removeprefix("0x")))
-        return results
-
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` against the node, mapping an outage to a 503-style error."""
         with chain_errors():

@@ -109,36 +109,12 @@ def test_rpc_answers_raw_results_in_order_with_none_for_errors(
     assert genesis["hash"] == "0x" + chain.w3.eth.get_block(0)["hash"].hex()
 
 
-def test_eth_calls_answer_the_return_data_of_each_call_in_order(chain: Chain) -> None:
-    decimals, mint_amount = chain.eth_calls(
-        [
-            (chain.usdc.address, bytes.fromhex(chain.usdc.encode_abi("decimals")[2:])),
-            (chain.token.address, bytes.fromhex(chain.token.encode_abi("mintAmount")[2:])),
-        ]
-    )
-    assert int.from_bytes(decimals, "big") == 6
-    assert int.from_bytes(mint_amount, "big") == chain.token.functions.mintAmount().call()
-
-
-def test_an_eth_call_without_a_result_is_unavailable(chain: Chain) -> None:
-    error = unavailable(
-        lambda: chain.eth_calls(
-            [
-                (chain.usdc.address, bytes.fromhex(chain.usdc.encode_abi("decimals")[2:])),
-                (chain.usdc.address, bytes.fromhex("deadbeef")),  # no such function: reverts
-            ]
-        )
-    )
-    assert "eth_call failed" in error.message
-
-
 def test_a_node_that_is_down_is_unavailable(settings: Settings) -> None:
     with socket.socket() as bound_but_not_listening:
         bound_but_not_listening.bind(("127.0.0.1", 0))
         port = bound_but_not_listening.getsockname()[1]
         chain = chain_at(settings, f"http://127.0.0.1:{port}")
         unavailable(lambda: chain.rpc([("eth_blockNumber", [])]))
-        unavailable(lambda: chain.eth_calls([(chain.usdc.address, b"")]))
         unavailable(lambda: chain.chain_id)
 
 
@@ -154,7 +130,6 @@ def test_a_node_that_answers_nonsense_is_unavailable(settings: Settings, answer:
     with fake_node(answer) as (url, _):
         chain = chain_at(settings, url)
         unavailable(lambda: chain.rpc([("eth_blockNumber", [])]))
-        unavailable(lambda: chain.eth_calls([(chain.usdc.address, b"")]))
         unavailable(lambda: chain.chain_id)
 
 
