@@ -1,10 +1,15 @@
 """Celery configuration for mintq workers and beat (loaded by `tasks.celery_app`)."""
 
-import os
+from mintq.settings import ConfigError, Settings
 
-broker_url = os.environ.get("CELERY_BROKER_URL") or os.environ.get(
-    "REDIS_URL", "redis://127.0.0.1:6379/0"
-)
+# The same settings every mintq process reads: a bad environment stops a worker, beat or
+# Flower here with one line per bad value, before it connects anywhere.
+try:
+    settings = Settings.from_env()
+except ConfigError as exc:
+    raise SystemExit(f"mintq: {exc}") from None
+
+broker_url = settings.broker_url
 # Task results are not read by anyone: state lives in Postgres.
 task_ignore_result = True
 result_backend = None
@@ -33,7 +38,7 @@ task_send_sent_event = True
 task_default_queue = "celery"
 task_routes = {"mintq.deliver_webhook": {"queue": "webhooks"}}
 
-_tick = float(os.environ.get("BEAT_TICK_SECONDS", "1") or 1)
+_tick = settings.beat_tick_seconds
 
 # Beat only ticks; the batch task itself decides, from system_settings on every tick, whether
 # a batch is due. That makes `batch_interval_seconds` hot-reloadable without restarting beat,

@@ -1,22 +1,42 @@
-"""Process configuration, read once from the environment."""
+"""Process configuration, read once from the environment through pydantic-settings.
+
+Every variable is a field below (its name upper-cased), documented in `.env.example`. Values
+are validated by type and constraint; a bad process environment stops the process with one
+line per bad value (`ConfigError`), naming the variable and never printing a secret.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import TypeVar
+from typing import Annotated, Any
 
 from eth_account import Account
 from eth_utils import is_address, to_checksum_address
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from mintq import networks
 from mintq.networks import Network
-
-N = TypeVar("N", int, float, Decimal)
 
 
 class ConfigError(RuntimeError):
@@ -27,74 +47,230 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/mintq"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # A shorter admin token could be guessed; `openssl rand -hex 32` gives 64 characters.
 MIN_ADMIN_TOKEN_LENGTH = 16
+MIN_WEBHOOK_SECRET_LENGTH = 16
+
+
+def _address(value: str) -> str:
+    if not is_address(value):
+        raise PydanticCustomError("address", "not an Ethereum address")
+    return to_checksum_address(value)
+
+
+def _network(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return networks.get(value)
+        except networks.UnknownNetwork as exc:
+            raise PydanticCustomError("network", str(exc).partition(" is ")[2]) from None
+    return value
+
+
+def _versions(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value = frozenset(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            value = frozenset()
+    if not value or not value <= {1, 2}:  # type: ignore[operator]
+        raise PydanticCustomError("x402_versions", "must list 1 and/or 2, e.g. 2,1")
+    return value
+
+
+def _admin_token(value: str | None) -> str | None:
+    if value is not None and len(value) < MIN_ADMIN_TOKEN_LENGTH:
+        raise PydanticCustomError(
+            "admin_token",
+            f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 32`)",
+        )
+    return value
 
 
 @dataclass(frozen=True)
-class Settings:
+class RateLimit:
+    """At most `requests` requests per `seconds`."""
+
+    requests: int
+    seconds: int
+
+    @classmethod
+    def parse(cls, raw: object) -> RateLimit | None:
+        """`"60/60"` is 60 requests per 60 s; empty or a zero disables the limit."""
+        if not isinstance(raw, str):
+            return raw  # type: ignore[return-value]  # already parsed (Settings.replace)
+        text = raw.strip()
+        if not text or text == "0":
+            return None
+        requests, _, seconds = text.partition("/")
+        try:
+            limit = cls(int(requests), int(seconds))
+        except ValueError:
+            raise ValueError("must be <requests>/<seconds>, e.g. 60/60") from None
+        if limit.requests < 0 or limit.seconds < 0:
+            raise ValueError("must not be negative")
+        return limit if limit.requests and limit.seconds else None
+
+
+_HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]+$")
+
+
+def allowed_hosts(raw: object) -> object:
+    """WEBHOOK_ALLOWED_HOSTS: comma-separated hosts, `*.example.com` for any subdomain."""
+    if not isinstance(raw, str):
+        return raw
+    hosts = []
+    for entry in raw.split(","):
+        host = entry.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+        if not host:
+            continue
+        if not _HOST_PATTERN.match(host):
+            raise ValueError(
+                f"{entry.strip()!r} is not a host name or `*.example.com` pattern (no scheme, "
+                "port or path)"
+            )
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def comma_separated(raw: object) -> object:
+    """A list variable: comma-separated, blanks ignored."""
+    if not isinstance(raw, str):
+        return raw
+    return tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+
+
+# Set while Settings are built from given values alone, not the process environment.
+_given_only: ContextVar[bool] = ContextVar("mintq_settings_given_only", default=False)
+
+Address = Annotated[str, AfterValidator(_address)]
+# NoDecode: these arrive as plain text ("2,1", "60/60", "a.com,*.b.com"), not JSON.
+Versions = Annotated[frozenset[int], NoDecode, BeforeValidator(_versions)]
+
+
+class Settings(BaseSettings):
     """Everything a mintq process needs to know, from the environment (see `.env.example`)."""
 
-    database_url: str
-    redis_url: str
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", env_ignore_empty=True, str_strip_whitespace=True
+    )
+
     rpc_url: str
-    usdc_address: str
-    token_address: str
-    pay_to: str
-    price: int
+    token_address: Address
+    pay_to: Address
+    # Filled in by NETWORK when unset.
+    usdc_address: Address
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    price: PositiveInt = 1_000_000
     # Only the worker signs; API processes run without the key.
-    minter_private_key: str | None = field(default=None, repr=False)
+    minter_private_key: str | None = Field(default=None, repr=False)
     # Or the key in an encrypted JSON keystore, unlocked by the password in a file: the paths
     # only, decrypted when a worker asks for the key.
     minter_keystore: str | None = None
     minter_keystore_password_file: str | None = None
     # `NETWORK=base`: the chain and USDC the node must be serving (checked at start).
-    network: Network | None = None
+    network: Annotated[Network | None, NoDecode, BeforeValidator(_network)] = None
     # Bearer token of the admin API (`/admin/...`); unset, the admin API answers 503.
-    admin_token: str | None = field(default=None, repr=False)
-    confirmations: int = 1
-    gas_limit_multiplier: Decimal = Decimal("1.1")
-    max_fee_gwei: Decimal = Decimal("500")
-    confirm_poll_seconds: float = 1.0
-    beat_tick_seconds: float = 1.0
-    lock_ttl_seconds: int = 30
-    chain_timeout_seconds: float = 10.0
+    admin_token: Annotated[str | None, AfterValidator(_admin_token)] = Field(
+        default=None, repr=False
+    )
+    # Default: NETWORK's, else 1.
+    confirmations: PositiveInt = 1
+    gas_limit_multiplier: Annotated[Decimal, Field(ge=0)] = Decimal("1.1")
+    max_fee_gwei: Annotated[Decimal, Field(ge=0)] = Decimal("500")
+    confirm_poll_seconds: NonNegativeFloat = 1.0
+    beat_tick_seconds: Annotated[float, Field(gt=0)] = 1.0
+    lock_ttl_seconds: NonNegativeInt = 30
+    chain_timeout_seconds: NonNegativeFloat = 10.0
     # An authorization must stay valid at least this long after intake to survive the queue.
-    min_authorization_validity_seconds: int = 300
+    min_authorization_validity_seconds: NonNegativeInt = 300
     # An authorization this close to expiry is failed (uncharged) rather than put in a batch.
-    settle_margin_seconds: int = 30
+    settle_margin_seconds: NonNegativeInt = 30
     # A batch not mined this long after it was sent is re-signed with higher fees.
-    stuck_after_seconds: float = 30.0
+    stuck_after_seconds: NonNegativeFloat = 30.0
     # The most gas one transaction may use (EIP-7825 caps it at 2^24 on chains that enforce it).
-    max_tx_gas: int = 16_777_216
+    max_tx_gas: NonNegativeInt = 16_777_216
     # How far back to search the chain for an authorization someone else submitted.
-    log_lookback_blocks: int = 100_000
+    log_lookback_blocks: NonNegativeInt = 100_000
+    # Celery's broker; default: REDIS_URL.
     celery_broker_url: str = ""
     # x402: how long a signed payment stays valid (the SDK client signs validBefore = now + this).
-    x402_max_timeout_seconds: int = 3600
+    x402_max_timeout_seconds: NonNegativeInt = 3600
     # x402 versions advertised in a 402: the v2 header and/or the v1 body (both by default).
-    x402_versions: frozenset[int] = frozenset({1, 2})
+    x402_versions: Versions = frozenset({1, 2})
     # x402: verify and settle through this facilitator instead of settling in the batch.
     facilitator_url: str | None = None
     # Webhooks: the hosts a callbackUrl may name (exact, or `*.example.com` for subdomains).
     # Empty: webhooks are off and a callbackUrl is refused.
-    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode, BeforeValidator(allowed_hosts)] = ()
     # Signs every webhook (HMAC-SHA256); required when webhooks are on.
-    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_secret: str | None = Field(default=None, repr=False)
     # http:// callbacks (to allow-listed hosts); otherwise https only.
     webhook_allow_http: bool = False
     # Deliver to private, loopback or link-local addresses, only for hosts listed exactly
     # (never through a `*.` pattern). Off: a host resolving to one is refused at delivery.
     webhook_allow_private: bool = False
     # `POST /mint` limits, counted in Redis across replicas; None: no limit.
-    rate_limit_per_ip: RateLimit | None = None
-    rate_limit_per_payer: RateLimit | None = None
+    rate_limit_per_ip: Annotated[RateLimit | None, NoDecode, BeforeValidator(RateLimit.parse)] = (
+        None
+    )
+    rate_limit_per_payer: Annotated[
+        RateLimit | None, NoDecode, BeforeValidator(RateLimit.parse)
+    ] = None
     # Proxies in front of the API whose X-Forwarded-For is believed (0: the peer address).
-    trusted_proxies: int = 0
-    # Live-update streams one API process serves at once: each holds a gunicorn thread.
-    event_streams_per_process: int = 4
+    trusted_proxies: NonNegativeInt = 0
+    # The event service's port (live updates); an API reached directly redirects streams there.
+    events_port: Annotated[int, Field(gt=0, lt=65536)] = 8001
+    # Origins whose pages may call the API from a browser (CORS); empty: same origin only.
+    cors_allowed_origins: Annotated[
+        tuple[str, ...], NoDecode, BeforeValidator(comma_separated)
+    ] = ()
 
-    def __repr__(self) -> str:  # never print the key or the admin token, even by accident
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
-        return f"Settings({shown})"
+    @model_validator(mode="before")
+    @classmethod
+    def _network_defaults(cls, values: Any) -> Any:
+        """NETWORK fills in USDC_ADDRESS and CONFIRMATIONS where they are not set."""
+        if not isinstance(values, dict) or not values.get("network"):
+            return values
+        try:
+            network = networks.get(values["network"])
+        except (networks.UnknownNetwork, AttributeError):
+            return values  # the field's own validation says what is wrong
+        return {"usdc_address": network.usdc, "confirmations": network.confirmations, **values}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.network is not None and self.usdc_address != to_checksum_address(self.network.usdc):
+            raise PydanticCustomError(
+                "usdc_address",
+                "USDC_ADDRESS {usdc} is not USDC on {name} ({expected}): leave USDC_ADDRESS "
+                "unset with NETWORK set",
+                {
+                    "usdc": self.usdc_address,
+                    "name": self.network.name,
+                    "expected": self.network.usdc,
+                },
+            )
+        if self.minter_private_key and (self.minter_keystore or self.minter_keystore_password_file):
+            raise PydanticCustomError(
+                "minter_key",
+                "set either MINTER_PRIVATE_KEY or MINTER_KEYSTORE (with "
+                "MINTER_KEYSTORE_PASSWORD_FILE), not both",
+            )
+        if bool(self.minter_keystore) != bool(self.minter_keystore_password_file):
+            raise PydanticCustomError(
+                "minter_keystore",
+                "MINTER_KEYSTORE and MINTER_KEYSTORE_PASSWORD_FILE go together: set both",
+            )
+        if (
+            self.webhook_allowed_hosts
+            and len(self.webhook_secret or "") < MIN_WEBHOOK_SECRET_LENGTH
+        ):
+            raise PydanticCustomError(
+                "webhook_secret",
+                f"WEBHOOK_SECRET (at least {MIN_WEBHOOK_SECRET_LENGTH} characters) is required "
+                "when WEBHOOK_ALLOWED_HOSTS is set",
+            )
+        return self
 
     @property
     def broker_url(self) -> str:
@@ -112,153 +288,63 @@ class Settings:
         )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from `env` (default `os.environ`), failing fast on missing values."""
-        source: Mapping[str, str] = os.environ if env is None else env
-
-        def required(name: str) -> str:
-            value = source.get(name, "").strip()
-            if not value:
-                raise ConfigError(f"{name} is not set (see .env.example)")
-            return value
-
-        def address(name: str) -> str:
-            value = required(name)
-            if not is_address(value):
-                raise ConfigError(f"{name} is not an Ethereum address: {value!r}")
-            return to_checksum_address(value)
-
-        def number(name: str, default: str, kind: Callable[[str], N]) -> N:
-            raw = source.get(name, "").strip() or default
-            try:
-                value = kind(raw)
-            except (ValueError, ArithmeticError) as exc:
-                raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
-            if value < 0:
-                raise ConfigError(f"{name} must not be negative, got {raw!r}")
-            return value
-
-        def versions(raw: str) -> frozenset[int]:
-            try:
-                chosen = frozenset(int(v) for v in raw.split(",") if v.strip())
-            except ValueError:
-                chosen = frozenset()
-            if not chosen or not chosen <= {1, 2}:
-                raise ConfigError(f"X402_VERSIONS must list 1 and/or 2, got {raw!r}")
-            return chosen
-
-        price = number("PRICE", "1000000", int)
-        if price == 0:
-            raise ConfigError("PRICE must be above zero")
-        key = source.get("MINTER_PRIVATE_KEY", "").strip() or None
-        keystore = source.get("MINTER_KEYSTORE", "").strip() or None
-        password_file = source.get("MINTER_KEYSTORE_PASSWORD_FILE", "").strip() or None
-        if key and (keystore or password_file):
-            raise ConfigError(
-                "set either MINTER_PRIVATE_KEY or MINTER_KEYSTORE (with "
-                "MINTER_KEYSTORE_PASSWORD_FILE), not both"
-            )
-        if bool(keystore) != bool(password_file):
-            raise ConfigError(
-                "MINTER_KEYSTORE and MINTER_KEYSTORE_PASSWORD_FILE go together: set both"
-            )
-        network = None
-        raw_network = source.get("NETWORK", "").strip()
-        if raw_network:
-            try:
-                network = networks.get(raw_network)
-            except networks.UnknownNetwork as exc:
-                raise ConfigError(str(exc)) from None
-        if network is not None and not source.get("USDC_ADDRESS", "").strip():
-            usdc_address = network.usdc
-        else:
-            usdc_address = address("USDC_ADDRESS")
-            if network is not None and usdc_address != to_checksum_address(network.usdc):
-                raise ConfigError(
-                    f"USDC_ADDRESS {usdc_address} is not USDC on {network.name} "
-                    f"({network.usdc}): leave USDC_ADDRESS unset with NETWORK set"
-                )
-        default_confirmations = str(network.confirmations) if network else "1"
-        webhook_hosts = allowed_hosts(source.get("WEBHOOK_ALLOWED_HOSTS", ""))
-        webhook_secret = source.get("WEBHOOK_SECRET", "").strip() or None
-        if webhook_hosts and (webhook_secret is None or len(webhook_secret) < 16):
-            raise ConfigError(
-                "WEBHOOK_SECRET (at least 16 characters) is required when "
-                "WEBHOOK_ALLOWED_HOSTS is set"
-            )
-        admin_token = source.get("ADMIN_TOKEN", "").strip() or None
-        if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN_LENGTH:
-            raise ConfigError(
-                f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters "
-                "(e.g. `openssl rand -hex 32`)"
-            )
-        return cls(
-            database_url=source.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL,
-            redis_url=source.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL,
-            rpc_url=required("RPC_URL"),
-            usdc_address=to_checksum_address(usdc_address),
-            token_address=address("TOKEN_ADDRESS"),
-            pay_to=address("PAY_TO"),
-            price=price,
-            minter_private_key=key,
-            minter_keystore=keystore,
-            minter_keystore_password_file=password_file,
-            network=network,
-            admin_token=admin_token,
-            confirmations=max(1, number("CONFIRMATIONS", default_confirmations, int)),
-            gas_limit_multiplier=number("GAS_LIMIT_MULTIPLIER", "1.1", Decimal),
-            max_fee_gwei=number("MAX_FEE_GWEI", "500", Decimal),
-            confirm_poll_seconds=number("CONFIRM_POLL_SECONDS", "1", float),
-            beat_tick_seconds=number("BEAT_TICK_SECONDS", "1", float),
-            lock_ttl_seconds=number("LOCK_TTL_SECONDS", "30", int),
-            chain_timeout_seconds=number("CHAIN_TIMEOUT_SECONDS", "10", float),
-            min_authorization_validity_seconds=number(
-                "MIN_AUTHORIZATION_VALIDITY_SECONDS", "300", int
-            ),
-            settle_margin_seconds=number("SETTLE_MARGIN_SECONDS", "30", int),
-            stuck_after_seconds=number("STUCK_AFTER_SECONDS", "30", float),
-            max_tx_gas=number("MAX_TX_GAS", "16777216", int),
-            log_lookback_blocks=number("LOG_LOOKBACK_BLOCKS", "100000", int),
-            celery_broker_url=source.get("CELERY_BROKER_URL", "").strip(),
-            x402_max_timeout_seconds=number("X402_MAX_TIMEOUT_SECONDS", "3600", int),
-            facilitator_url=source.get("FACILITATOR_URL", "").strip() or None,
-            x402_versions=versions(source.get("X402_VERSIONS", "").strip() or "2,1"),
-            webhook_allowed_hosts=webhook_hosts,
-            webhook_secret=webhook_secret,
-            webhook_allow_http=flag(source, "WEBHOOK_ALLOW_HTTP"),
-            webhook_allow_private=flag(source, "WEBHOOK_ALLOW_PRIVATE"),
-            rate_limit_per_ip=RateLimit.parse("RATE_LIMIT_PER_IP", source.get("RATE_LIMIT_PER_IP")),
-            rate_limit_per_payer=RateLimit.parse(
-                "RATE_LIMIT_PER_PAYER", source.get("RATE_LIMIT_PER_PAYER")
-            ),
-            trusted_proxies=number("TRUSTED_PROXIES", "0", int),
-            event_streams_per_process=max(1, number("EVENT_STREAMS_PER_PROCESS", "4", int)),
-        )
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """At most `requests` requests per `seconds`."""
-
-    requests: int
-    seconds: int
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env file and no secrets directory: `deploy.stack` and compose pass the environment.
+        return (init_settings,) if _given_only.get() else (init_settings, env_settings)
 
     @classmethod
-    def parse(cls, name: str, raw: str | None) -> RateLimit | None:
-        """`"60/60"` is 60 requests per 60 s; empty or a zero disables the limit."""
-        text = (raw or "").strip()
-        if not text or text == "0":
-            return None
-        requests, _, seconds = text.partition("/")
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from the process environment, or from `env` alone when given (tests, tools).
+
+        A mapping is read as the environment is (names in any case, empty values unset) and
+        validated the same way.
+        """
+        if env is None:
+            return cls._build({})
+        given = {name.lower(): value for name, value in env.items() if value.strip()}
+        return cls._build({k: v for k, v in given.items() if k in cls.model_fields}, only=True)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes`, validated like the environment is."""
+        return self._build({**dict(self), **changes}, only=True)
+
+    @classmethod
+    def _build(cls, values: dict[str, Any], *, only: bool = False) -> Settings:
+        token = _given_only.set(only)
         try:
-            limit = cls(int(requests), int(seconds))
-        except ValueError:
-            raise ConfigError(
-                f"{name} must be <requests>/<seconds>, e.g. 60/60, got {raw!r}"
-            ) from None
-        if limit.requests < 0 or limit.seconds < 0:
-            raise ConfigError(f"{name} must not be negative, got {raw!r}")
-        return limit if limit.requests and limit.seconds else None
+            return cls(**values)
+        except ValidationError as exc:
+            # `from None`: the ValidationError's own text quotes the inputs, secrets included.
+            raise ConfigError(_explain(exc)) from None
+        finally:
+            _given_only.reset(token)
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per bad value: the variable, what is wrong and (unless secret) what it was."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = field.upper()
+        if error["type"] == "missing":
+            lines.append(f"{name} is not set (see .env.example)")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        secret = field in Settings.model_fields and not Settings.model_fields[field].repr
+        if not name:
+            lines.append(message)
+        elif secret:
+            lines.append(f"{name}: {message}")
+        else:
+            lines.append(f"{name}: {message} (got {error['input']!r})")
+    return "; ".join(lines) if len(lines) == 1 else "invalid settings:\n  " + "\n  ".join(lines)
 
 
 def decrypt_keystore(keystore: str, password_file: str) -> str:
@@ -291,31 +377,3 @@ def decrypt_keystore(keystore: str, password_file: str) -> str:
             f"MINTER_KEYSTORE_PASSWORD_FILE {password_file}, or not a keystore"
         ) from None
     return "0x" + key.hex()
-
-
-def flag(source: Mapping[str, str], name: str) -> bool:
-    raw = source.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-_HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]+$")
-
-
-def allowed_hosts(raw: str) -> tuple[str, ...]:
-    """WEBHOOK_ALLOWED_HOSTS: comma-separated hosts, `*.example.com` for any subdomain."""
-    hosts = []
-    for entry in raw.split(","):
-        host = entry.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
-        if not host:
-            continue
-        if not _HOST_PATTERN.match(host):
-            raise ConfigError(
-                "WEBHOOK_ALLOWED_HOSTS lists host names or `*.example.com` patterns "
-                f"(no scheme, port or path), got {entry.strip()!r}"
-            )
-        hosts.append(host)
-    return tuple(hosts)

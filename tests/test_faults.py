@@ -205,8 +205,7 @@ def fault_system(
     settings: Settings, chainside: Chainside, tmp_path: Path, **overrides: object
 ) -> Iterator[FaultSystem]:
     # A killed owner's lock must expire before the next worker can own the nonce: keep it short.
-    settings = dataclasses.replace(
-        settings,
+    settings = settings.replace(
         beat_tick_seconds=0.5,
         confirm_poll_seconds=0.3,
         lock_ttl_seconds=5,

@@ -44,7 +44,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 def admin_app(services: Services) -> Flask:
     with_token = dataclasses.replace(
-        services, settings=dataclasses.replace(services.settings, admin_token=TOKEN)
+        services, settings=services.settings.replace(admin_token=TOKEN)
     )
     return create_app(services=with_token)
 
@@ -248,7 +248,7 @@ def test_a_reverted_item_retried_by_an_operator_is_minted_once(
     client: FlaskClient, minter: Minter, services: Services, chainside: Chainside
 ) -> None:
     starved = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, gas_limit_multiplier=Decimal("0.6"))
+        minter, settings=minter.settings.replace(gas_limit_multiplier=Decimal("0.6"))
     )
     set_setting(services, "max_retries", "0")
     set_setting(services, "batch_interval_seconds", "0")
@@ -515,9 +515,7 @@ def test_batches_list_every_hash_at_each_nonce(
     chainside: Chainside,
     mining_paused: None,
 ) -> None:
-    impatient = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, stuck_after_seconds=0)
-    )
+    impatient = dataclasses.replace(minter, settings=minter.settings.replace(stuck_after_seconds=0))
     set_setting(services, "max_batch_size", "2")
     for _ in range(4):
         queue_item(services)

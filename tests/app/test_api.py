@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -181,9 +180,7 @@ def dead_port() -> Iterator[int]:
 def test_a_database_that_does_not_answer_is_503(
     settings: Settings, chainside: Chainside, dead_port: int, clean_db: None
 ) -> None:
-    down = dataclasses.replace(
-        settings, database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x"
-    )
+    down = settings.replace(database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x")
     client = create_app(down).test_client()
     payer = chainside.new_payer(usdc=PRICE)
     response = client.post("/mint", json={"paymentType": "custom", "txHash": chainside.pay(payer)})
@@ -195,7 +192,7 @@ def test_a_database_that_does_not_answer_is_503(
 def test_a_chain_that_does_not_answer_is_503(
     settings: Settings, dead_port: int, clean_db: None
 ) -> None:
-    down = dataclasses.replace(settings, rpc_url=f"http://127.0.0.1:{dead_port}")
+    down = settings.replace(rpc_url=f"http://127.0.0.1:{dead_port}")
     client = create_app(down).test_client()
     response = client.post(
         "/mint", json={"paymentType": "custom", "txHash": "0x" + secrets.token_hex(32)}

@@ -122,7 +122,7 @@ def test_loads_answers_invalid_json_for_anything_else(raw: bytes) -> None:
 @pytest.fixture
 def admin_app(services: Services) -> Flask:
     with_token = dataclasses.replace(
-        services, settings=dataclasses.replace(services.settings, admin_token=ADMIN_TOKEN)
+        services, settings=services.settings.replace(admin_token=ADMIN_TOKEN)
     )
     return create_app(services=with_token)
 

@@ -199,9 +199,7 @@ def test_without_redis_a_stream_is_a_503_and_the_client_polls(
     services: Services, settings: Settings, dead_redis_url: str
 ) -> None:
     queue_id = queue_payment(services)
-    down = dataclasses.replace(
-        services, settings=dataclasses.replace(settings, redis_url=dead_redis_url)
-    )
+    down = dataclasses.replace(services, settings=settings.replace(redis_url=dead_redis_url))
     response = create_app(services=down).test_client().get(f"/queue/item/{queue_id}/events")
     assert response.status_code == 503
     assert response.get_json()["error"] == "redis_unavailable"
@@ -212,9 +210,7 @@ def test_a_process_serves_a_bounded_number_of_streams(
     services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(app.events, "HEARTBEAT_SECONDS", 0.5)
-    one = dataclasses.replace(
-        services, settings=dataclasses.replace(settings, event_streams_per_process=1)
-    )
+    one = dataclasses.replace(services, settings=settings.replace(event_streams_per_process=1))
     queue_id = queue_payment(services)
     with serving(create_app(services=one)) as base:
         url = f"{base}/queue/item/{queue_id}/events"

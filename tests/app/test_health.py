@@ -3,7 +3,6 @@ behind its login."""
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import socket
 import time
@@ -61,14 +60,12 @@ def test_ready_when_every_dependency_answers(services: Services) -> None:
 
 
 def test_not_ready_without_the_chain(settings: Settings, dead_port: int, clean_db: None) -> None:
-    down = dataclasses.replace(settings, rpc_url=f"http://127.0.0.1:{dead_port}")
+    down = settings.replace(rpc_url=f"http://127.0.0.1:{dead_port}")
     assert_not_ready(create_app(down).test_client(), "chain")
 
 
 def test_not_ready_without_the_database(settings: Settings, dead_port: int, clean_db: None) -> None:
-    down = dataclasses.replace(
-        settings, database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x"
-    )
+    down = settings.replace(database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x")
     client = create_app(down).test_client()
     assert_not_ready(client, "database")
     # Alive all the same: a process restart would not bring the database back.
@@ -76,7 +73,7 @@ def test_not_ready_without_the_database(settings: Settings, dead_port: int, clea
 
 
 def test_not_ready_without_redis(settings: Settings, dead_port: int, clean_db: None) -> None:
-    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{dead_port}/0")
+    down = settings.replace(redis_url=f"redis://127.0.0.1:{dead_port}/0")
     assert_not_ready(create_app(down).test_client(), "redis")
 
 

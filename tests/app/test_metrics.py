@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from collections.abc import Iterator
 
@@ -146,7 +145,7 @@ def test_a_chain_that_does_not_answer_leaves_out_only_the_wallet(
             {"a": minter.address},
         )
     engine.dispose()
-    down = dataclasses.replace(settings, rpc_url=f"http://127.0.0.1:{dead_port}")
+    down = settings.replace(rpc_url=f"http://127.0.0.1:{dead_port}")
     metrics = scrape(create_app(down))
     assert value(metrics, "mintq_scrape_error", source="chain") == 1
     assert value(metrics, "mintq_scrape_error", source="database") == 0
@@ -159,9 +158,7 @@ def test_a_chain_that_does_not_answer_leaves_out_only_the_wallet(
 def test_a_database_that_does_not_answer_is_a_scrape_error_not_a_500(
     settings: Settings, clean_db: None, dead_port: int
 ) -> None:
-    down = dataclasses.replace(
-        settings, database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x"
-    )
+    down = settings.replace(database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{dead_port}/x")
     app = create_app(down)
     app.test_client().post("/mint", json={"paymentType": "custom", "txHash": "0x12"})
     metrics = scrape(app)

@@ -19,7 +19,7 @@ from mintq.settings import ConfigError, RateLimit, Settings
 
 def replica(services: Services, **changes: object) -> FlaskClient:
     """One API replica: an app of its own (its own Redis client), on the shared services."""
-    limited = dataclasses.replace(services.settings, **changes)  # type: ignore[arg-type]
+    limited = services.settings.replace(**changes)  # type: ignore[arg-type]
     return create_app(services=dataclasses.replace(services, settings=limited)).test_client()
 
 
@@ -91,8 +91,8 @@ def test_a_payer_over_its_limit_is_refused_before_the_chain_is_asked(
     # A replica whose node is down still refuses at once: the chain is never asked.
     chainless = dataclasses.replace(
         services,
-        settings=dataclasses.replace(
-            settings, rate_limit_per_payer=per_payer, rpc_url=f"http://127.0.0.1:{dead_port}"
+        settings=settings.replace(
+            rate_limit_per_payer=per_payer, rpc_url=f"http://127.0.0.1:{dead_port}"
         ),
     )
     response = (
@@ -162,6 +162,9 @@ def test_without_redis_the_limits_let_payments_through(
     assert "rate limit not enforced, Redis unavailable" in caplog.text
 
 
+REQUIRED = ("rpc_url", "usdc_address", "token_address", "pay_to")
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -172,11 +175,13 @@ def test_without_redis_the_limits_let_payments_through(
         (" 20/30 ", RateLimit(20, 30)),
     ],
 )
-def test_rate_limit_settings(raw: str, expected: RateLimit | None) -> None:
-    assert RateLimit.parse("RATE_LIMIT_PER_IP", raw) == expected
+def test_rate_limit_settings(settings: Settings, raw: str, expected: RateLimit | None) -> None:
+    env = {name.upper(): str(getattr(settings, name)) for name in REQUIRED}
+    assert Settings.from_env({**env, "RATE_LIMIT_PER_IP": raw}).rate_limit_per_ip == expected
 
 
 @pytest.mark.parametrize("raw", ["60", "sixty/60", "60/", "-1/60"])
-def test_malformed_rate_limits_fail_fast(raw: str) -> None:
-    with pytest.raises(ConfigError, match="RATE_LIMIT_PER_PAYER"):
-        RateLimit.parse("RATE_LIMIT_PER_PAYER", raw)
+def test_malformed_rate_limits_fail_fast(settings: Settings, raw: str) -> None:
+    env = {name.upper(): str(getattr(settings, name)) for name in REQUIRED}
+    with pytest.raises(ConfigError, match=f"RATE_LIMIT_PER_PAYER: .* \\(got '{raw}'\\)"):
+        Settings.from_env({**env, "RATE_LIMIT_PER_PAYER": raw})

@@ -84,9 +84,7 @@ class Api:
 @pytest.fixture
 def api(x402_settings: Settings, facilitator_url: str) -> Iterator[Api]:
     deferred = Services.from_settings(x402_settings)
-    facilitated = Services.from_settings(
-        dataclasses.replace(x402_settings, facilitator_url=facilitator_url)
-    )
+    facilitated = Services.from_settings(x402_settings.replace(facilitator_url=facilitator_url))
     yield Api(
         x402_settings,
         create_app(services=deferred).test_client(),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 from typing import Any
 
@@ -64,7 +63,7 @@ def test_unpaid_request_gets_v2_header_and_v1_body(
 def test_sdk_client_pays_and_gets_exactly_its_tokens(
     x402_settings: Settings, onchain: Chainside, client: str, version: int
 ) -> None:
-    settings = dataclasses.replace(x402_settings, x402_versions=frozenset({version}))
+    settings = x402_settings.replace(x402_versions=frozenset({version}))
     payer = onchain.new_payer(usdc=PRICE)
     with serving(create_app(settings)) as base:
         if client == "requests":
@@ -148,7 +147,7 @@ def test_remote_facilitator_settles_first_and_only_the_mint_is_queued(
     facilitator = create_facilitator_app(sepolia.rpc_url, ANVIL_KEYS[4])
     payer = onchain.new_payer(usdc=PRICE)
     with serving(facilitator) as facilitator_url:
-        settings = dataclasses.replace(x402_settings, facilitator_url=facilitator_url)
+        settings = x402_settings.replace(facilitator_url=facilitator_url)
         with serving(create_app(settings)) as base:
             session = sync_client(payer, onchain)
             sent: list[str] = []

@@ -8,7 +8,6 @@ anvil's default 31337 is not in it. Each test module gets its own node.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,8 +54,7 @@ def onchain(sepolia: Anvil, sepolia_deployment: Deployment) -> Chainside:
 def x402_settings(
     settings: Settings, sepolia: Anvil, sepolia_deployment: Deployment, clean_db: None
 ) -> Settings:
-    return dataclasses.replace(
-        settings,
+    return settings.replace(
         rpc_url=sepolia.rpc_url,
         usdc_address=sepolia_deployment.usdc,
         token_address=sepolia_deployment.token,

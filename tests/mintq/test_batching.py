@@ -163,7 +163,7 @@ def test_a_reverted_batch_requeues_items_then_fails_them_past_max_retries(
 ) -> None:
     # A gas limit far below the estimate makes the batch run out of gas on chain.
     starved = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, gas_limit_multiplier=Decimal("0.6"))
+        minter, settings=minter.settings.replace(gas_limit_multiplier=Decimal("0.6"))
     )
     set_setting(minter, "max_retries", "1")
     set_setting(minter, "batch_interval_seconds", "0")
@@ -188,9 +188,7 @@ def test_a_reverted_batch_requeues_items_then_fails_them_past_max_retries(
 
 
 def test_confirmation_waits_for_the_configured_depth(minter: Minter, chainside: Chainside) -> None:
-    deep = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, confirmations=3)
-    )
+    deep = dataclasses.replace(minter, settings=minter.settings.replace(confirmations=3))
     queue_payments(minter, 1)
     [batch_id] = batching.process_queue(deep).sent
     assert batching.confirm_batch(deep, batch_id).state == "waiting"

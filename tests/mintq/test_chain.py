@@ -3,7 +3,6 @@ or silent (a loopback HTTP server playing it) turning into `chain_unavailable`."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -72,7 +71,7 @@ def echo(body: bytes) -> tuple[int, bytes]:
 
 
 def chain_at(settings: Settings, url: str, timeout: float = 2.0) -> Chain:
-    return Chain(dataclasses.replace(settings, rpc_url=url, chain_timeout_seconds=timeout))
+    return Chain(settings.replace(rpc_url=url, chain_timeout_seconds=timeout))
 
 
 def unavailable(call: Callable[[], object]) -> DependencyUnavailable:

@@ -51,7 +51,10 @@ def test_another_usdc_address_is_refused() -> None:
 
 
 def test_an_unknown_network_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"'mainnet'.*known: base, base-sepolia"):
+    with pytest.raises(
+        ConfigError,
+        match=r"NETWORK: not a known network; known: base, base-sepolia.*'mainnet'",
+    ):
         Settings.from_env({**BASE_ENV, "NETWORK": "mainnet"})
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 
 import pytest
@@ -95,7 +94,7 @@ def test_an_unknown_hash_is_404(chain: Chain) -> None:
 
 
 def test_too_few_confirmations_is_409(settings: Settings, chainside: Chainside) -> None:
-    strict = Chain(dataclasses.replace(settings, confirmations=50))
+    strict = Chain(settings.replace(confirmations=50))
     payer = chainside.new_payer(usdc=PRICE)
     error = rejected(strict, chainside.pay(payer))
     assert (error.status, error.code) == (409, "tx_not_confirmed")

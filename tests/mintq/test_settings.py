@@ -98,3 +98,48 @@ def test_a_keystore_needs_its_password_file(tmp_path: Path) -> None:
     env = {**BASE, "MINTER_KEYSTORE": keystore(tmp_path)["MINTER_KEYSTORE"]}
     with pytest.raises(ConfigError, match="MINTER_KEYSTORE_PASSWORD_FILE"):
         Settings.from_env(env)
+
+
+def test_every_bad_value_gets_its_own_line() -> None:
+    env = {**BASE, "PRICE": "abc", "CONFIRMATIONS": "-1", "RATE_LIMIT_PER_IP": "fast"}
+    del env["PAY_TO"]
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    lines = str(info.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "PAY_TO is not set (see .env.example)",
+        "PRICE",
+        "CONFIRMATIONS",
+        "RATE_LIMIT_PER_IP",
+    ]
+    assert "(got 'fast')" in lines[-1]
+
+
+def test_a_bad_secret_is_named_but_never_shown() -> None:
+    short_token = "tooshort-secret"
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN: must be at least 16") as info:
+        Settings.from_env({**BASE, "ADMIN_TOKEN": short_token, "MINTER_PRIVATE_KEY": KEY})
+    assert short_token not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_the_process_environment_is_read_and_a_given_mapping_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in BASE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PRICE", "7")
+    monkeypatch.setenv("MAX_FEE_GWEI", "")  # empty is unset, as in a mapping
+    assert Settings.from_env().price == 7
+    assert Settings.from_env().max_fee_gwei == Settings.model_fields["max_fee_gwei"].default
+    # A mapping given is the whole environment: nothing leaks in from the process's.
+    assert Settings.from_env(BASE).price == 1_000_000
+    with pytest.raises(ConfigError, match="RPC_URL is not set"):
+        Settings.from_env({k: v for k, v in BASE.items() if k != "RPC_URL"})
+
+
+def test_replace_validates_like_the_environment() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.replace(price=5).price == 5
+    with pytest.raises(ConfigError, match="PRICE"):
+        settings.replace(price=0)

@@ -30,9 +30,7 @@ def transactions(minter: Minter) -> list[WalletTransaction]:
 def test_a_stuck_batch_is_replaced_at_the_same_nonce_and_mints_once(
     minter: Minter, chainside: Chainside, mining_paused: None
 ) -> None:
-    impatient = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, stuck_after_seconds=0)
-    )
+    impatient = dataclasses.replace(minter, settings=minter.settings.replace(stuck_after_seconds=0))
     payments = queue_payments(minter, 3)
     [batch_id] = batching.process_queue(impatient).sent
     assert batching.confirm_batch(impatient, batch_id).state == "waiting"
@@ -63,8 +61,7 @@ def test_the_fee_cap_stops_replacement(
     [sent] = transactions(minter)
     capped = dataclasses.replace(
         minter,
-        settings=dataclasses.replace(
-            minter.settings,
+        settings=minter.settings.replace(
             stuck_after_seconds=0,
             max_fee_gwei=sent.max_fee_per_gas / 10**9,  # no room above what it already pays
         ),
@@ -156,9 +153,7 @@ def test_low_funds_hold_the_queue_and_it_resumes_when_funded(
 
 
 def test_batch_size_is_bounded_by_the_gas_cap(minter: Minter) -> None:
-    tight = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, max_tx_gas=600_000)
-    )
+    tight = dataclasses.replace(minter, settings=minter.settings.replace(max_tx_gas=600_000))
     queue_payments(minter, 12)
     [batch_id] = batching.process_queue(tight).sent
     with minter.sessions() as session:
@@ -211,9 +206,7 @@ def test_settings_change_applies_on_the_next_tick(minter: Minter) -> None:
 def test_a_batch_reorged_out_before_its_depth_is_resent_and_confirmed_once(
     minter: Minter, chainside: Chainside
 ) -> None:
-    deep = dataclasses.replace(
-        minter, settings=dataclasses.replace(minter.settings, confirmations=3)
-    )
+    deep = dataclasses.replace(minter, settings=minter.settings.replace(confirmations=3))
     payments = queue_payments(minter, 2)
     [batch_id] = batching.process_queue(deep).sent
     [ours] = transactions(minter)
