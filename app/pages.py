@@ -1,4 +1,4 @@
-"""Pages for people: the status page, the API docs, and the OpenAPI document they render."""
+"""Pages for people: the mint page, the status page, the API docs and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ SWAGGER_UI_ASSETS = {
 }
 
 
-def _page(name: str) -> Response:
+def page(name: str) -> Response:
     response = current_app.send_static_file(name)
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     response.headers["Cache-Control"] = "no-cache"
@@ -36,6 +36,17 @@ def _page(name: str) -> Response:
 
 
 @bp.get("/")
+def mint_page() -> Response:
+    """Mint page: connect a wallet, pay in USDC and watch the mint until it is on chain.
+    ---
+    get:
+      responses:
+        200: {description: An HTML page, content: {text/html: {schema: {type: string}}}}
+    """
+    return page("mint.html")
+
+
+@bp.get("/status")
 def status_page() -> Response:
     """Status page: queue counts, recent batches, and a lookup by queue id or payer.
     ---
@@ -43,7 +54,7 @@ def status_page() -> Response:
       responses:
         200: {description: An HTML page, content: {text/html: {schema: {type: string}}}}
     """
-    return _page("status.html")
+    return page("status.html")
 
 
 @bp.get("/docs")
@@ -54,7 +65,7 @@ def docs_page() -> Response:
       responses:
         200: {description: An HTML page, content: {text/html: {schema: {type: string}}}}
     """
-    return _page("docs.html")
+    return page("docs.html")
 
 
 @bp.get("/docs/assets/<name>")

@@ -1,4 +1,4 @@
-// Small helpers shared by the status and docs pages. No framework, no build step.
+// Small helpers shared by the mint, status and docs pages. No framework, no build step.
 // Everything from the API reaches the page as text nodes, never as HTML.
 
 /** Build an element: el("a", {href: "/docs", class: "x"}, "text", otherNode). */
@@ -95,4 +95,20 @@ export function timeView(iso) {
   if (!iso) return el("span", { class: "muted" }, "—");
   const date = new Date(iso);
   return el("time", { datetime: iso, title: iso }, date.toLocaleString());
+}
+
+// Explorers of the public chains mintq may run on; the dev chain has none.
+const EXPLORERS = {
+  1: "https://etherscan.io",
+  10: "https://optimistic.etherscan.io",
+  137: "https://polygonscan.com",
+  8453: "https://basescan.org",
+  42161: "https://arbiscan.io",
+  84532: "https://sepolia.basescan.org",
+  11155111: "https://sepolia.etherscan.io",
+};
+
+/** The block explorer of a chain, or null. */
+export function explorerFor(chainId) {
+  return EXPLORERS[chainId] || null;
 }

@@ -1,6 +1,6 @@
 // The status page: queue counts and recent batches every 3 s, and a lookup that follows a
 // queue item live (Server-Sent Events, or polling every 2 s when they are not available).
-import { el, formatDuration, getJSON, hashView, timeView } from "/static/dom.js";
+import { el, explorerFor, formatDuration, getJSON, hashView, timeView } from "/static/dom.js";
 
 const STATUS_REFRESH_MS = 3000;
 const POLL_MS = 2000;
@@ -8,16 +8,6 @@ const FINAL = new Set(["completed", "failed"]);
 const MAX_FOLLOWED = 20;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const ADDRESS = /^0x[0-9a-fA-F]{40}$/;
-// Explorers of the public chains mintq may run on; the dev chain has none.
-const EXPLORERS = {
-  1: "https://etherscan.io",
-  10: "https://optimistic.etherscan.io",
-  137: "https://polygonscan.com",
-  8453: "https://basescan.org",
-  42161: "https://arbiscan.io",
-  84532: "https://sepolia.basescan.org",
-  11155111: "https://sepolia.etherscan.io",
-};
 
 const $ = (id) => document.getElementById(id);
 let explorer = null;
@@ -270,7 +260,7 @@ $("lookup-form").addEventListener("submit", (event) => {
 
 getJSON("/config")
   .then((config) => {
-    explorer = EXPLORERS[config.chainId] || null;
+    explorer = explorerFor(config.chainId);
   })
   .catch(() => {}); // links are a nicety; the page works without them
 

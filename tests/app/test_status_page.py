@@ -128,7 +128,7 @@ def test_the_status_page_follows_a_mint_until_it_completes(
     page.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/events"]})
     with serving(create_app(services=services)) as base:
         item = queue_paid_mint(base, chainside)
-        page.get(f"{base}/")
+        page.get(f"{base}/status")
         wait_for(page, lambda: text_of(page, "#count-pending") == "1")
         assert text_of(page, "#count-completed") == "0"
         assert page.find_element(By.ID, "no-batches").is_displayed()
@@ -197,7 +197,7 @@ def test_live_updates_arrive_by_server_sent_events(
     with serving(with_fake_events(app, events)) as base:
         try:
             item = queue_paid_mint(base, chainside)
-            page.get(f"{base}/#q={item['queueId']}")
+            page.get(f"{base}/status#q={item['queueId']}")
             card = f'[data-queue-id="{item["queueId"]}"]'
             wait_for(page, lambda: text_of(page, f"{card} [data-field=status]") == "pending")
             live = "Live: updates arrive as they happen."
