@@ -7,12 +7,12 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from eth_utils import is_address, to_checksum_address
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request, url_for
 from marshmallow import ValidationError
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from app import jsonbody, ratelimit
+from app import jsonbody, pages, ratelimit
 from app.schemas import (
     BatchSchema,
     ConfigSchema,
@@ -105,12 +105,71 @@ def get_config() -> Response:
     )
 
 
+def _wants_html() -> bool:
+    """A browser opening the URL, not a program: HTML is what it asks for first."""
+    accepts = request.accept_mimetypes
+    return accepts.best_match(["application/json", "text/html"]) == "text/html" and (
+        accepts["text/html"] > accepts["application/json"]
+    )
+
+
+def _paywall() -> tuple[Response, int]:
+    """The x402 paywall for a browser: the 402 with its `PAYMENT-REQUIRED` header, and the mint
+    page as its body (the page pays that same 402 with the visitor's wallet)."""
+    headers, _body = services().x402.payment_required(url_for("api.post_mint", _external=True))
+    response = pages.page("mint.html")
+    response.headers.update(headers)
+    return response, 402
+
+
+@bp.get("/mint")
+def get_mint() -> tuple[Response, int]:
+    """The x402 paywall, for a browser that opens the paid URL
+    ---
+    get:
+      description: >-
+        A browser (`Accept: text/html`) gets the mint page with status 402 and the x402
+        `PAYMENT-REQUIRED` header: the page pays with the visitor's wallet. Programs buy with
+        `POST /mint` and get 405 here.
+      responses:
+        402:
+          description: The paywall page.
+          content: {text/html: {schema: {type: string}}}
+        405: {$ref: "#/components/responses/Error"}
+    """
+    if not _wants_html():
+        abort(405, valid_methods=["POST"])
+    return _paywall()
+
+
+@bp.get("/.well-known/x402")
+def get_x402_discovery() -> Response:
+    """x402 discovery: the paid resource, its price, network, asset and how to call it
+    ---
+    get:
+      description: >-
+        A Bazaar discovery list (`x402Version`, `items`, `pagination`), each item with the
+        resource URL, its payment requirements (`accepts`), `description`, `mimeType` and
+        `extensions.bazaar` (the method, input and output); and `resources`, the bare list of
+        paid URLs.
+      responses:
+        200:
+          description: The discovery document.
+          content: {application/json: {schema: {type: object}}}
+        503: {$ref: "#/components/responses/Unavailable"}
+    """
+    svc = services()
+    return jsonify(svc.x402.discovery(url_for("api.post_mint", _external=True)))
+
+
 @bp.post("/mint")
 def post_mint() -> tuple[Response, int]:
     """Verify a payment and queue one mint for it; the same payment again returns its item."""
     ratelimit.check_client()
     svc = services()
     by_header = bool(request.headers.get(PAYMENT_SIGNATURE) or request.headers.get(X_PAYMENT))
+    if not by_header and _wants_html() and not request.get_data(cache=True).strip():
+        return _paywall()
     refusals = _x402_refusals_repeat_requirements(svc.x402) if by_header else nullcontext()
     with refusals:
         payment, callback_url = _parse_payment(svc, by_header)

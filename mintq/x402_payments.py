@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -24,6 +25,7 @@ from x402 import (
     ResourceInfo,
     SettleResponse,
 )
+from x402.extensions.bazaar import BAZAAR, OutputConfig, declare_discovery_extension
 from x402.http import (
     FacilitatorConfig,
     HTTPFacilitatorClientSync,
@@ -49,6 +51,29 @@ PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"  # v2
 X_PAYMENT = "X-PAYMENT"  # v1
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 RESPONSE_HEADER = {2: "PAYMENT-RESPONSE", 1: "X-PAYMENT-RESPONSE"}
+
+# What the paid resource is, for the 402 and for discovery (`/.well-known/x402`).
+DESCRIPTION = (
+    "One token mint, paid in USDC: the tokens go to the payer. POST with the payment and no "
+    "body; the answer (202) is the mint's queue item. Follow it at /queue/item/{queueId} "
+    "until its status is completed, with the mint's transaction in mintTxHash."
+)
+MIME_TYPE = "application/json"
+# The answer, as the Bazaar extension shows it (the fields of GET /queue/item).
+EXAMPLE_ITEM = {
+    "queueId": "0b6f2c1e-8a47-4c8e-9b0e-3f2a6d1c5e77",
+    "status": "pending",
+    "queuePosition": 1,
+    "estimatedWaitSeconds": 10,
+    "payer": "0x0000000000000000000000000000000000000001",
+    "recipient": "0x0000000000000000000000000000000000000001",
+    "paymentType": "x402",
+    "paymentId": "0x" + "00" * 32,
+    "batchId": None,
+    "mintTxHash": None,
+    "retryCount": 0,
+    "error": None,
+}
 
 # The SDK's verification verdicts, as the codes every other payment method answers with.
 REASONS: dict[str, tuple[str, int]] = {
@@ -106,6 +131,16 @@ class X402Gateway:
         names = {chain_id: name for name, chain_id in V1_NETWORK_CHAIN_IDS.items()}
         return names.get(self.chain.chain_id, self.chain.network)
 
+    @cached_property
+    def bazaar(self) -> dict[str, Any]:
+        """`extensions.bazaar` of the 402: how to call the mint and what it answers."""
+        extension = declare_discovery_extension(
+            input={}, body_type="json", output=OutputConfig(example=EXAMPLE_ITEM)
+        )
+        # The SDK's middleware fills in the method from the request; ours is always POST.
+        extension[BAZAAR.key]["info"]["input"]["method"] = "POST"
+        return extension
+
     def requirements_v1(self, resource_url: str) -> PaymentRequirementsV1:
         req = self.requirements
         return PaymentRequirementsV1(
@@ -113,8 +148,8 @@ class X402Gateway:
             network=self.v1_network,
             max_amount_required=req.amount,
             resource=resource_url,
-            description="One token mint",
-            mime_type="application/json",
+            description=DESCRIPTION,
+            mime_type=MIME_TYPE,
             pay_to=req.pay_to,
             max_timeout_seconds=req.max_timeout_seconds,
             asset=req.asset,
@@ -139,8 +174,9 @@ class X402Gateway:
             error=error,
             accepts=[self.requirements],
             resource=ResourceInfo(
-                url=resource_url, description="One token mint", mime_type="application/json"
+                url=resource_url, description=DESCRIPTION, mime_type=MIME_TYPE, service_name="mintq"
             ),
+            extensions=self.bazaar,
         )
         v1 = PaymentRequiredV1(error=error, accepts=[self.requirements_v1(resource_url)])
         versions = self.chain.settings.x402_versions
@@ -148,6 +184,31 @@ class X402Gateway:
         headers = {PAYMENT_REQUIRED: encode_payment_required_header(v2)} if 2 in versions else {}
         body = v1.model_dump(by_alias=True, exclude_none=True) if 1 in versions else {}
         return headers, body
+
+    def discovery(self, resource_url: str) -> dict[str, Any]:
+        """`/.well-known/x402`: the paid resource as a Bazaar discovery list (the shape a
+        facilitator's `/discovery/resources` answers), and as the bare list of URLs that
+        crawlers of well-known documents read (`version`, `resources`)."""
+        v2 = 2 in self.chain.settings.x402_versions
+        accepts = self.requirements if v2 else self.requirements_v1(resource_url)
+        item = {
+            "resource": resource_url,
+            "type": "http",
+            "x402Version": 2 if v2 else 1,
+            "accepts": [accepts.model_dump(by_alias=True, exclude_none=True)],
+            "lastUpdated": datetime.now(UTC).isoformat(timespec="seconds"),
+            "description": DESCRIPTION,
+            "mimeType": MIME_TYPE,
+            "serviceName": "mintq",
+            "extensions": self.bazaar,
+        }
+        return {
+            "x402Version": 2,
+            "items": [item],
+            "pagination": {"limit": 1, "offset": 0, "total": 1},
+            "version": 1,
+            "resources": [resource_url],
+        }
 
     def decode(self, header: Callable[[str], str | None]) -> X402Payment | None:
         """The payment in the request's x402 header (`header(name)` looks one up), or None."""
