@@ -15,7 +15,6 @@ from flask import Blueprint, Response, g, jsonify, request
 from marshmallow import Schema, fields, validate
 
 from app.errors import error_response
-from app.events import EventStreams
 from app.routes import _item_view, db, services
 from db.models import BATCH_STATUSES, MintQueueItem
 from mintq import admin, events
@@ -223,7 +222,7 @@ def cancel_item(queue_id: str) -> Response:
 
 def _announce(item: MintQueueItem) -> None:
     """Tell live streams (any replica) about an operator's change, after its commit."""
-    events.announce(EventStreams.for_app().redis, events.changes([item]))
+    events.announce(services().redis, events.changes([item]))
 
 
 def _set_paused(paused: bool) -> Response:

@@ -3,7 +3,7 @@
 The dev stack (`deploy.stack`, run by `scripts/up.sh`), tests and benchmarks call the builders
 below; the container image runs them through this module's entry point:
 
-    python -m deploy.processes api|worker|webhooks|beat|flower [options]
+    python -m deploy.processes api|events|worker|webhooks|beat|flower [options]
 
 which replaces itself with the process (so it gets the signals), and `deploy/entrypoint.sh`
 sends a role name there, so compose says `command: ["worker"]`. gunicorn's own settings are in
@@ -25,7 +25,8 @@ STATE_DIR = REPO_ROOT / ".mintq"
 GUNICORN_CONFIG = REPO_ROOT / "gunicorn.conf.py"
 PYTHON = sys.executable
 
-ROLES = ("api", "worker", "webhooks", "beat", "flower")
+ROLES = ("api", "events", "worker", "webhooks", "beat", "flower")
+DEFAULT_EVENTS_PORT = 8001  # as mintq.settings' EVENTS_PORT, where the API redirects streams
 
 
 def api_command(
@@ -44,6 +45,11 @@ def api_command(
         *(["--threads", str(threads)] if threads else []),
         *(["--access-logfile", "-"] if access_log else []),
     ]  # fmt: skip
+
+
+def events_command(port: int = DEFAULT_EVENTS_PORT, host: str = "127.0.0.1") -> list[str]:
+    """The event service (live updates, `app.event_service`): one asyncio process."""
+    return [PYTHON, "-m", "app.event_service", "--host", host, "--port", str(port)]
 
 
 def worker_command(name: str = "worker", concurrency: int = 2, queue: str = "celery") -> list[str]:
@@ -124,6 +130,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     api.add_argument("--threads", type=int, help="default: gunicorn.conf.py")
     api.add_argument("--access-log", action="store_true")
 
+    events = roles.add_parser("events", help="the event service (live updates)")
+    listening(events, "EVENTS_PORT", DEFAULT_EVENTS_PORT)
+
     for role, what in (("worker", "the batch worker"), ("webhooks", "the webhook worker")):
         worker = roles.add_parser(role, help=what)
         worker.add_argument("--name", default=role, help="the node name before @host")
@@ -144,6 +153,8 @@ def command_line(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
         return api_command(
             args.port, args.workers, args.host, args.threads, access_log=args.access_log
         )
+    if args.role == "events":
+        return events_command(args.port, args.host)
     if args.role == "worker":
         return worker_command(args.name, args.concurrency)
     if args.role == "webhooks":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -152,6 +153,11 @@ def parse_queue_id(raw: str) -> uuid.UUID:
 
 def get_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem | None:
     return session.get(MintQueueItem, queue_id)
+
+
+def get_items(session: Session, queue_ids: Collection[uuid.UUID]) -> list[MintQueueItem]:
+    """The items of `queue_ids` that exist, in one query (the event service's reads)."""
+    return list(session.scalars(select(MintQueueItem).where(MintQueueItem.queue_id.in_(queue_ids))))
 
 
 def items_for_payer(session: Session, payer: str, limit: int = 100) -> list[MintQueueItem]:
