@@ -3,16 +3,20 @@
 `python -m deploy.stack` (what `scripts/up.sh` runs after installing everything):
 database and migrations, the embedded anvil chain with its contracts when no RPC_URL is set,
 then the API under gunicorn, a Celery worker, Celery beat and Flower. Logins not configured
-(Flower's, the admin API's token) are made up and printed once. Ctrl-C (or SIGTERM) stops
-every process it started. Tests use `Supervisor` to start the same processes.
+(Flower's, the admin API's token) are made up and printed once. The processes run under
+circus: one terminal of labelled lines, a process that exits is started again, and Ctrl-C (or
+SIGTERM) stops them all. Tests and benchmarks start the same command lines one by one with
+`Supervisor`, which lets them kill and restart a chosen process at a chosen moment.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,10 +27,14 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from alembic import command
 from alembic.config import Config
+from circus import get_arbiter
+from circus.exc import ConflictError
+from circus.stream import StdoutStream
+from dotenv import dotenv_values
 from eth_account import Account
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -38,6 +46,7 @@ from deploy.processes import (  # the command lines, also imported from here by 
     STATE_DIR,
     api_command,
     beat_command,
+    command_line,
     flower_basic_auth,
     flower_command,
     print_generated_logins,
@@ -82,17 +91,8 @@ def wait_until_serving(
 
 
 def load_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a `.env` file (comments and blanks skipped)."""
-    values: dict[str, str] = {}
-    if not path.exists():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
+    """The variables a `.env` file sets (python-dotenv's syntax, as compose reads it)."""
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
 
 
 def stack_env(environ: Mapping[str, str], env_file: Path) -> dict[str, str]:
@@ -141,7 +141,8 @@ def migrate(url: str) -> None:
 
 @dataclass
 class Supervisor:
-    """Starts named processes in their own process groups and stops them all together."""
+    """Starts named processes in their own process groups and stops them together: a test
+    harness (faults are injected into one process at a time), not the stack's supervisor."""
 
     output: IO[str] | None = None
     log_dir: Path | None = None
@@ -288,7 +289,7 @@ def _embedded_chain(env: dict[str, str], args: argparse.Namespace) -> Anvil:
         )
     print(f"starting anvil on 127.0.0.1:{args.anvil_port} (block time {args.block_time}s)")
     anvil = start_anvil(
-        port=args.anvil_port, block_time=args.block_time, log_path=STATE_DIR / "anvil.log"
+        port=args.anvil_port, block_time=args.block_time, log_path=args.state_dir / "anvil.log"
     )
     _deploy_dev_contracts(env, anvil.rpc_url)
     return anvil
@@ -332,10 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="migrate (and deploy dev contracts if needed), write --env-out, and exit",
     )
-    parser.add_argument("--env-out", type=Path, default=STATE_DIR / "chain.env")
+    parser.add_argument(
+        "--state-dir", type=Path, default=STATE_DIR, help="logs, beat schedule, control sockets"
+    )
+    parser.add_argument("--env-out", type=Path, help="default: <state dir>/chain.env")
     args = parser.parse_args(argv)
 
-    STATE_DIR.mkdir(exist_ok=True)
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    args.env_out = args.env_out or args.state_dir / "chain.env"
     env = stack_env(os.environ, REPO_ROOT / ".env")
     if args.setup_only:
         setup(env, recreate_database=False)
@@ -348,14 +353,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     token, token_generated = admin_token(env)
 
     anvil = None
-    supervisor = Supervisor(output=sys.stdout, log_dir=STATE_DIR / "logs")
-    stopping = threading.Event()
-
-    def _stop(signum: int, _frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
     try:
         embedded = not env.get("RPC_URL")
         if embedded:
@@ -365,11 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_chain_env(env, args.env_out)
 
         api_env = {**env, "ADMIN_TOKEN": token}  # the API is the one process that needs it
-        supervisor.start("api", api_command(args.api_port, access_log=True), api_env)
-        supervisor.start("worker", worker_command(), env)
-        supervisor.start("webhooks", webhook_worker_command(), env)
-        supervisor.start("beat", beat_command(STATE_DIR / "celerybeat-schedule"), env)
-        supervisor.start("flower", flower_command(args.flower_port, flower_auth), env)
+        commands = {
+            "api": (api_command(args.api_port, access_log=True), api_env),
+            "events": (command_line(["events"], env), env),  # EVENTS_PORT
+            "worker": (worker_command(), env),
+            "webhooks": (webhook_worker_command(), env),
+            "beat": (beat_command(args.state_dir / "celerybeat-schedule"), env),
+            "flower": (flower_command(args.flower_port, flower_auth), env),
+        }
         print_generated_logins(
             flower_auth=flower_auth if flower_generated else None,
             admin_token=token if token_generated else None,
@@ -380,20 +380,71 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Ctrl-C stops everything.\n",
             flush=True,
         )
-        while not stopping.wait(1.0):
-            try:
-                for name in supervisor.restart_exited():
-                    print(f"{name} exited unexpectedly; started it again", file=sys.stderr)
-            except RuntimeError as exc:
-                print(f"{exc}; stopping everything", file=sys.stderr)
-                return 1
+        run_supervised(commands, args.state_dir)
         return 0
     finally:
         print("stopping...", flush=True)
-        supervisor.stop_all()
         if anvil is not None:
             anvil.stop()
         print("stopped", flush=True)
+
+
+class Labelled(StdoutStream):
+    """A process's output on the stack's terminal, each line after the process's name, and in
+    its own file under `.mintq/logs/`. (circus's own streams label lines by pid only.)"""
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        super().__init__()
+        self.name = name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (log_dir / f"{name}.log").open("a", encoding="utf-8")
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        text = data["data"].decode(errors="replace")
+        self.file.write(text)
+        self.file.flush()
+        sys.stdout.write("".join(f"{self.name:>8} | {line}\n" for line in text.splitlines()))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_supervised(commands: Mapping[str, tuple[list[str], dict[str, str]]], state: Path) -> None:
+    """Run `commands` under circus until SIGINT or SIGTERM, then stop them all.
+
+    A process that exits is started again (a Celery worker can die when the broker goes away);
+    one that keeps exiting is given up after `max_retry` starts. Its control sockets are local
+    files: Flower already listens on circus's default port.
+    """
+    watchers = [
+        {
+            "name": name,
+            "cmd": shlex.join(argv),
+            "env": env,
+            "copy_env": False,
+            "working_dir": str(REPO_ROOT),
+            "respawn": True,
+            "max_retry": 5,
+            "graceful_timeout": 20,
+            "stdout_stream": {"stream": Labelled(name, state / "logs")},
+            "stderr_stream": {"stream": Labelled(name, state / "logs")},
+        }
+        for name, (argv, env) in commands.items()
+    ]
+    # While it stops, circus's periodic check finds the stop still running and logs that as an
+    # error, once a second: noise, not a failure.
+    logging.getLogger("tornado.application").addFilter(
+        lambda record: not (record.exc_info and isinstance(record.exc_info[1], ConflictError))
+    )
+    arbiter = get_arbiter(
+        watchers,
+        controller=f"ipc://{state / 'circus.sock'}",
+        pubsub_endpoint=f"ipc://{state / 'circus-events.sock'}",
+        check_delay=1.0,
+        loglevel="warning",
+    )
+    arbiter.start()
 
 
 if __name__ == "__main__":
