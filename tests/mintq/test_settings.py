@@ -1,9 +1,12 @@
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from eth_account import Account
 
+from deploy.processes import api_command, beat_command, worker_command
 from mintq.settings import ConfigError, Settings
 
 BASE = {
@@ -143,3 +146,25 @@ def test_replace_validates_like_the_environment() -> None:
     assert settings.replace(price=5).price == 5
     with pytest.raises(ConfigError, match="PRICE"):
         settings.replace(price=0)
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code"),
+    [
+        pytest.param(api_command(port=0, workers=1), 4, id="api"),  # gunicorn: app failed to load
+        pytest.param(worker_command(concurrency=1), 1, id="worker"),
+        pytest.param(beat_command(Path("/nonexistent/schedule")), 1, id="beat"),
+    ],
+)
+def test_every_process_stops_on_a_bad_value_with_its_lines(
+    command: list[str], exit_code: int
+) -> None:
+    env = {**os.environ, **BASE, "PRICE": "0", "RATE_LIMIT_PER_IP": "fast"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == exit_code
+    assert (
+        "mintq: invalid settings:\n"
+        "  PRICE: Input should be greater than 0 (got '0')\n"
+        "  RATE_LIMIT_PER_IP: must be <requests>/<seconds>, e.g. 60/60 (got 'fast')\n"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr
