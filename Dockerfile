@@ -1,4 +1,4 @@
-# One image for every mintq process (api, worker, beat, flower, setup) and the dev anvil.
+# One image for every mintq process (api, events, worker, beat, flower, setup) and the dev anvil.
 FROM python:3.11-slim
 
 RUN apt-get update \
@@ -18,6 +18,6 @@ COPY contracts contracts
 COPY celeryconfig.py gunicorn.conf.py ./
 RUN pip install --no-cache-dir .
 
-# A role of deploy/processes.py (api, worker, webhooks, beat, flower) or any command.
+# A role of deploy/processes.py (api, events, worker, webhooks, beat, flower) or any command.
 ENTRYPOINT ["deploy/entrypoint.sh"]
 CMD ["api", "--host", "0.0.0.0"]
