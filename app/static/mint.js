@@ -113,8 +113,10 @@ async function refreshQueue() {
     const status = await mintq.queueStatus(config);
     const waiting = status.pending + status.processing;
     const s = status.settings || {};
-    $("queue-now").textContent =
-      `${waiting} waiting` + (s.batchIntervalSeconds ? ` · a batch every ${s.batchIntervalSeconds} s` : "");
+    $("queue-now").replaceChildren(
+      `${waiting} waiting`,
+      s.batchIntervalSeconds ? el("span", { class: "fact-note" }, `a batch every ${s.batchIntervalSeconds} s`) : "",
+    );
   } catch {
     $("queue-now").textContent = "unknown right now";
   }
