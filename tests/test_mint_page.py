@@ -30,8 +30,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import create_engine, text
 from werkzeug.serving import make_server
 
-from conftest import MINT_AMOUNT, PRICE, Chainside, free_ports, service_env
+from app import create_app
+from conftest import MINT_AMOUNT, PRICE, Chainside, free_ports, service_env, serving
 from deploy.stack import Supervisor, api_command, beat_command, wait_until_serving, worker_command
+from mintq.services import Services
 from mintq.settings import Settings
 
 SCREENSHOTS = Path(tempfile.gettempdir())
@@ -420,3 +422,71 @@ def test_a_page_on_another_origin_gets_no_cors_headers_and_cannot_call(
         ]
         assert blocked, "Chromium did not report a CORS refusal"
     assert queue_rows(system.settings) == []
+
+
+def with_sale(app: Callable[..., Any], sale: dict[str, Any]) -> Callable[..., Any]:
+    """The app with `sale` in GET /config, as the sale (not built yet) will answer it."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ["PATH_INFO"] != "/config":
+            return app(environ, start_response)
+        captured: list[Any] = []
+        body = b"".join(app(environ, lambda status, headers, *_: captured.append(status)))
+        config = {**json.loads(body), "sale": sale}
+        start_response(captured[0], [("Content-Type", "application/json")])
+        return [json.dumps(config).encode()]
+
+    return wsgi
+
+
+def test_the_sale_state_and_quantity_show_where_the_config_has_a_sale(
+    browser: webdriver.Chrome, services: Services
+) -> None:
+    sale = {
+        "maxSupply": 100, "sold": 60, "reserved": 0, "remaining": 40, "maxPerPayer": 3,
+        "maxQuantity": 3, "startsAt": None, "endsAt": None, "state": "open",
+    }  # fmt: skip
+    with serving(with_sale(create_app(services=services), sale)) as base:
+        browser.get(f"{base}/")
+        wait_for(browser, lambda: text_of(browser, "#sale-state") == "On sale")
+        assert "40 of 100 left." in text_of(browser, "#sale-summary")
+        assert "At most 3 per wallet." in text_of(browser, "#sale-summary")
+        # This browser has no wallet: the page says so before anyone presses Mint.
+        assert "No wallet was found in this browser" in text_of(browser, "#wallet-state")
+        assert browser.find_element(By.ID, "quantity-row").is_displayed()
+        quantity = browser.find_element(By.ID, "quantity")
+        quantity.clear()
+        quantity.send_keys("3")
+        wait_for(browser, lambda: text_of(browser, "#price") == "3 USDC\n3 \u00d7 1 USDC")
+        assert text_of(browser, "#mint-amount") == "300 tokens"
+        browser.save_screenshot(str(SCREENSHOTS / "mint_page_sale.png"))
+
+    with serving(with_sale(create_app(services=services), {**sale, "state": "sold_out"})) as base:
+        browser.get(f"{base}/")
+        wait_for(browser, lambda: text_of(browser, "#sale-state") == "Sold out")
+        assert not browser.find_element(By.ID, "mint").is_enabled()
+
+
+def test_rate_limited_buyers_are_told_to_wait(
+    browser: webdriver.Chrome, settings: Settings, clean_db: None, chainside: Chainside
+) -> None:
+    limited = Services.from_settings(settings.replace(rate_limit_per_ip="1/60"))
+    buyer = chainside.new_payer(usdc=2 * PRICE)
+    try:
+        with (
+            serving(create_app(services=limited)) as base,
+            injected_wallet(browser, chainside.w3, settings.rpc_url, buyer),
+        ):
+            browser.get(f"{base}/")
+            wait_for(browser, lambda: text_of(browser, "#price") == "1 USDC")
+            browser.find_element(By.ID, "mint").click()
+            wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".mint-item"))
+            wait_for(browser, lambda: browser.find_element(By.ID, "mint").is_enabled())
+            browser.find_element(By.ID, "mint").click()
+            problem = browser.find_element(By.ID, "problem")
+            wait_for(browser, lambda: problem.is_displayed())
+            assert problem.get_attribute("data-code") == "rate_limited"
+            assert "Too many tries in a short time. Wait" in problem.text
+    finally:
+        limited.dispose()
+    assert len(queue_rows(settings)) == 1

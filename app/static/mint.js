@@ -69,8 +69,10 @@ function quantity() {
 function renderOffer() {
   const q = quantity();
   const total = BigInt(config.price) * BigInt(q);
-  $("price").textContent =
-    q > 1 ? `${mintq.formatUnits(total, 6)} USDC (${q} × ${mintq.formatUnits(config.price, 6)})` : `${mintq.formatUnits(config.price, 6)} USDC`;
+  $("price").replaceChildren(
+    `${mintq.formatUnits(total, 6)} USDC`,
+    q > 1 ? el("span", { class: "fact-note" }, `${q} × ${mintq.formatUnits(config.price, 6)} USDC`) : "",
+  );
   $("mint-amount").textContent = `${mintq.formatUnits(BigInt(config.mintAmount) * BigInt(q), 18)} tokens`;
   $("network").textContent = networkName(config.chainId);
   renderSale(config.sale);
