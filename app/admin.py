@@ -200,7 +200,8 @@ def cancel_item(queue_id: str) -> Response:
       description: >
         Only a `pending` item: it becomes `failed` with the error "cancelled by an operator".
         An item a batch already claimed is `processing` and cannot be cancelled. Nothing is
-        refunded.
+        refunded yet: an unsettled authorization is simply never submitted, but a custom
+        payment is already on chain.
       security: [{adminToken: []}]
       responses:
         200: {description: "The item, now failed.", content: {application/json: {schema: QueueItemSchema}}}
@@ -215,6 +216,45 @@ def cancel_item(queue_id: str) -> Response:
     session = db()
     g.admin_audit = {"queueId": queue_id}
     item = admin.cancel_item(session, parse_queue_id(queue_id))
+    session.commit()
+    _announce(item)
+    return jsonify(_item_view(session, item, services().operating(session)))
+
+
+@bp.post("/items/<queue_id>/priority")
+def set_item_priority(queue_id: str) -> Response:
+    """Set a pending item's priority
+    ---
+    post:
+      description: >
+        Batches claim pending items by priority (highest first), then settle deadline, then
+        arrival; queue positions follow the same order. Every item starts at 0; the body
+        `{"priority": n}` sets it, from -1000 to 1000. Only a `pending` item.
+      security: [{adminToken: []}]
+      requestBody:
+        required: true
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [priority]
+              properties: {priority: {type: integer, minimum: -1000, maximum: 1000}}
+      responses:
+        200: {description: "The item, with its new priority and position.", content: {application/json: {schema: QueueItemSchema}}}
+        400: {description: "`invalid_queue_id`, `invalid_json` or `invalid_priority`.", content: {application/json: {schema: ErrorSchema}}}
+        401: {$ref: "#/components/responses/Error"}
+        404: {description: "`queue_item_not_found`.", content: {application/json: {schema: ErrorSchema}}}
+        409:
+          description: "`not_pending`: claimed or final (`details.status` says what it is)."
+          content: {application/json: {schema: ErrorSchema}}
+        503: {$ref: "#/components/responses/Unavailable"}
+    """  # noqa: E501
+    session = db()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "priority" not in body:
+        raise MintqError('The body must be a JSON object with "priority".', code="invalid_priority")
+    g.admin_audit = {"queueId": queue_id, "priority": body["priority"]}
+    item = admin.set_priority(session, parse_queue_id(queue_id), body["priority"])
     session.commit()
     _announce(item)
     return jsonify(_item_view(session, item, services().operating(session)))

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.admin import batch_view, settings_view
 from app.routes import _item_view
-from db.models import BATCH_STATUSES, MintQueueItem
+from db.models import BATCH_STATUSES, MAX_PRIORITY, MintQueueItem
 from mintq import admin
 from mintq.errors import MintqError
 from mintq.operating import load_operating_settings
@@ -110,6 +110,18 @@ def retry(queue_id: str) -> None:
 def cancel(queue_id: str) -> None:
     """Cancel a pending item (it becomes failed: "cancelled by an operator")."""
     _item_action("cancel", queue_id, admin.cancel_item)
+
+
+@cli.command("priority")
+@click.argument("queue_id")
+@click.argument("priority", type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY))
+def priority(queue_id: str, priority: int) -> None:
+    """Set a pending item's priority (batches claim the highest first; every item starts at 0)."""
+    _item_action(
+        "priority",
+        queue_id,
+        lambda session, qid: admin.set_priority(session, qid, priority),
+    )
 
 
 @cli.command("pause")

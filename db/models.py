@@ -69,6 +69,8 @@ PAYMENT_TYPES = tuple(t.value for t in PaymentType)
 BATCH_STATUSES = tuple(s.value for s in BatchStatus)
 
 Uint256 = Numeric(78, 0)
+# An item's priority is within ±MAX_PRIORITY (queue positions encode it in a float score).
+MAX_PRIORITY = 1000
 
 
 class Base(DeclarativeBase):
@@ -131,8 +133,10 @@ class MintQueueItem(Base):
         CheckConstraint("retry_count >= 0", name="retry_count"),
         # The database, not a check-then-insert, guarantees one queue item per payment.
         UniqueConstraint("payment_id"),
+        CheckConstraint(f"priority BETWEEN {-MAX_PRIORITY} AND {MAX_PRIORITY}", name="priority"),
         Index(
             "ix_mint_queue_pending_claim_order",
+            text("priority DESC"),
             text("settle_deadline ASC NULLS LAST"),
             "created_at",
             "queue_id",
@@ -169,11 +173,19 @@ class MintQueueItem(Base):
     settle_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Where to POST the webhook when the item is completed or failed (the request's callbackUrl).
     callback_url: Mapped[str | None] = mapped_column(Text)
+    # Set by an operator: a higher priority is batched before any lower one.
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
 
     @classmethod
     def claim_order(cls) -> tuple[Any, ...]:
-        """The order pending items are batched in: soonest deadline first, then arrival."""
-        return (cls.settle_deadline.asc().nulls_last(), cls.created_at, cls.queue_id)
+        """The order pending items are batched in: highest priority, then soonest deadline,
+        then arrival."""
+        return (
+            cls.priority.desc(),
+            cls.settle_deadline.asc().nulls_last(),
+            cls.created_at,
+            cls.queue_id,
+        )
 
 
 WEBHOOK_EVENTS = ("completed", "failed")

@@ -17,7 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import BATCH_IN_FLIGHT, BatchMint, MintQueueItem, SystemSetting, WalletTransaction
+from db.models import (
+    BATCH_IN_FLIGHT,
+    MAX_PRIORITY,
+    BatchMint,
+    MintQueueItem,
+    SystemSetting,
+    WalletTransaction,
+)
 from mintq.errors import MintqError
 from mintq.operating import parse_setting
 
@@ -137,6 +144,30 @@ def cancel_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem:
         )
     item.status = "failed"
     item.error = CANCELLED
+    session.flush()
+    session.refresh(item)
+    return item
+
+
+def set_priority(session: Session, queue_id: uuid.UUID, priority: int) -> MintQueueItem:
+    """Set a pending item's priority: batches claim the highest priority first.
+
+    Only a pending item: a claimed one is already in a batch. Like a cancel, the row lock
+    waits for a claim in progress and then sees `processing`.
+    """
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+        raise MintqError(
+            f"priority must be a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY}.",
+            code="invalid_priority",
+            status=400,
+            details={"priority": priority},
+        )
+    item = _locked_item(session, queue_id)
+    if item.status != "pending":
+        raise _refused(
+            item, "not_pending", f"Only a pending item's priority can be set, not {item.status}."
+        )
+    item.priority = priority
     session.flush()
     session.refresh(item)
     return item

@@ -43,6 +43,7 @@ class ItemChange:
     status: str
     created_at: datetime
     settle_deadline: datetime | None
+    priority: int = 0
     has_callback: bool = False
 
     @property
@@ -53,7 +54,12 @@ class ItemChange:
 def changes(items: Iterable[MintQueueItem]) -> list[ItemChange]:
     return [
         ItemChange(
-            i.queue_id, i.status, i.created_at, i.settle_deadline, i.callback_url is not None
+            i.queue_id,
+            i.status,
+            i.created_at,
+            i.settle_deadline,
+            i.priority,
+            i.callback_url is not None,
         )
         for i in items
     ]

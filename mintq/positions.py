@@ -13,9 +13,9 @@ in O(log n). Postgres stays the truth and the set is only derived from it:
   as ahead of others), and every few minutes to bound any other drift. Until it is built,
   positions are counted in Postgres.
 
-The score is the settle deadline (none: +inf) and the member starts with the arrival time in
-microseconds, zero-padded, then the queue id: Redis orders equal scores by member bytes, so
-the set's order is `MintQueueItem.claim_order()` exactly.
+The score is the priority, then the settle deadline, in one number (see `score`), and the
+member starts with the arrival time in microseconds, zero-padded, then the queue id: Redis
+orders equal scores by member bytes, so the set's order is `MintQueueItem.claim_order()`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import MintQueueItem
+from db.models import MAX_PRIORITY, MintQueueItem
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,23 @@ class Ordered(Protocol):
     def created_at(self) -> datetime: ...
     @property
     def settle_deadline(self) -> datetime | None: ...
+    @property
+    def priority(self) -> int: ...
+
+
+# Seconds since 1970 below this fit beside the priority in a float's 53 bits of integer;
+# a deadline past it (the year 4147, or none) sorts last in its priority.
+_NO_DEADLINE = 2**36 - 1
 
 
 def score(item: Ordered) -> float:
+    """-priority * 2^36 + the deadline in seconds: every priority's items come before those of
+    a lower one, and within a priority the soonest deadline first. Deadlines are EIP-3009
+    `validBefore`s, whole seconds; |score| stays below 2^53, where floats are exact."""
+    assert abs(item.priority) <= MAX_PRIORITY
     deadline = item.settle_deadline
-    return float("inf") if deadline is None else deadline.timestamp()
+    seconds = _NO_DEADLINE if deadline is None else min(int(deadline.timestamp()), _NO_DEADLINE)
+    return float(-item.priority * 2**36 + seconds)
 
 
 def member(item: Ordered) -> str:
@@ -145,7 +157,12 @@ def rebuild(redis: Redis, session: Session) -> int:
     """
     staging = f"{KEY}:rebuild:{uuid.uuid4()}"
     rows = session.execute(
-        select(MintQueueItem.queue_id, MintQueueItem.created_at, MintQueueItem.settle_deadline)
+        select(
+            MintQueueItem.queue_id,
+            MintQueueItem.created_at,
+            MintQueueItem.settle_deadline,
+            MintQueueItem.priority,
+        )
         .where(MintQueueItem.status == "pending")
         .execution_options(yield_per=_REBUILD_CHUNK)
     )

@@ -55,6 +55,7 @@ class ItemRow(NamedTuple):
     updated_at: datetime
     completed_at: datetime | None
     settle_deadline: datetime | None
+    priority: int
 
 
 # An ORM item or a row of `mint_queue` (intake reads rows): what views and positions read.
@@ -204,14 +205,17 @@ def _claimed_before(item: QueueItem) -> ColumnElement[bool]:
     )
     deadline = MintQueueItem.settle_deadline
     if item.settle_deadline is None:
-        return or_(deadline.is_not(None), arrived_before)
-    return and_(
-        deadline.is_not(None),
-        or_(
-            deadline < item.settle_deadline,
-            and_(deadline == item.settle_deadline, arrived_before),
-        ),
-    )
+        within = or_(deadline.is_not(None), arrived_before)
+    else:
+        within = and_(
+            deadline.is_not(None),
+            or_(
+                deadline < item.settle_deadline,
+                and_(deadline == item.settle_deadline, arrived_before),
+            ),
+        )
+    priority = MintQueueItem.priority
+    return or_(priority > item.priority, and_(priority == item.priority, within))
 
 
 class QueueItemSchema(Schema):
@@ -228,6 +232,7 @@ class QueueItemSchema(Schema):
     batch_id = fields.UUID(data_key="batchId", allow_none=True)
     mint_tx_hash = fields.String(data_key="mintTxHash", allow_none=True)
     retry_count = fields.Integer(data_key="retryCount")
+    priority = fields.Integer()
     error = fields.String(allow_none=True)
     created_at = fields.AwareDateTime(data_key="createdAt")
     updated_at = fields.AwareDateTime(data_key="updatedAt")

@@ -29,7 +29,7 @@ from app import create_app
 from conftest import MINT_AMOUNT, PRICE, Chainside, paid, service_env
 from db.models import MintQueueItem, SystemSetting
 from deploy import stack
-from mintq import admin, batching, events, queue
+from mintq import admin, batching, events, positions, queue
 from mintq.batching import Minter
 from mintq.errors import MintqError
 from mintq.operating import load_operating_settings
@@ -667,3 +667,81 @@ def test_an_operators_change_reaches_live_streams(client: FlaskClient, services:
     assert message is not None and message["type"] == "message"
     assert json.loads(message["data"]) == {"queueId": queue_id, "status": "failed"}
     pubsub.close()
+
+
+def test_priority_reorders_the_queue_and_the_next_batch(
+    client: FlaskClient, minter: Minter, services: Services
+) -> None:
+    set_setting(services, "max_batch_size", "2")
+    first, second, third = (item_of(services, queue_item(services)).queue_id for _ in range(3))
+
+    def position(queue_id: uuid.UUID) -> int:
+        body = client.get(f"/queue/item/{queue_id}").get_json()
+        return int(body["queuePosition"])
+
+    assert [position(q) for q in (first, second, third)] == [1, 2, 3]
+    response = client.post(f"/admin/items/{third}/priority", json={"priority": 5}, headers=AUTH)
+    assert response.status_code == 200
+    assert (response.get_json()["priority"], response.get_json()["queuePosition"]) == (5, 1)
+    low = client.post(f"/admin/items/{first}/priority", json={"priority": -1}, headers=AUTH)
+    assert low.get_json()["queuePosition"] == 3
+    # Positions counted in Postgres (Redis has no set yet) agree with the set's.
+    services.redis.delete(positions.KEY, positions.BUILT_KEY)
+    assert [position(q) for q in (third, second, first)] == [1, 2, 3]
+    with services.sessions() as session:
+        positions.rebuild(services.redis, session)
+    assert [position(q) for q in (third, second, first)] == [1, 2, 3]
+
+    # The next batch (two items) takes the two highest, in that order.
+    [batch_id] = batching.process_queue(minter).sent
+    with services.sessions() as session:
+        claimed = set(
+            session.scalars(
+                select(MintQueueItem.queue_id).where(MintQueueItem.batch_id == batch_id)
+            )
+        )
+    assert claimed == {third, second}
+    assert position(first) == 1
+
+
+def test_priority_is_set_only_on_a_pending_item_within_bounds(
+    client: FlaskClient, minter: Minter, services: Services
+) -> None:
+    queue_id = item_of(services, queue_item(services)).queue_id
+    url = f"/admin/items/{queue_id}/priority"
+    for body in ({"priority": 1001}, {"priority": -1001}, {"priority": "high"},
+                 {"priority": 1.5}, {"priority": True}, {"priority": None}, {}, [1]):  # fmt: skip
+        assert_error(client.post(url, json=body, headers=AUTH), 400, "invalid_priority")
+    assert_error(client.post(url, data=b"{", headers={**AUTH, "Content-Type": "application/json"}),
+                 400, "invalid_priority")  # fmt: skip
+    assert client.post(url, json={"priority": 1}).status_code == 401
+    assert_error(client.post(f"/admin/items/{uuid.uuid4()}/priority", json={"priority": 1},
+                             headers=AUTH), 404, "queue_item_not_found")  # fmt: skip
+    assert_error(client.post("/admin/items/nope/priority", json={"priority": 1}, headers=AUTH),
+                 400, "invalid_queue_id")  # fmt: skip
+    assert item_of(services, queue_item(services)).priority == 0  # where every item starts
+
+    batching.process_queue(minter)
+    body = assert_error(client.post(url, json={"priority": 1}, headers=AUTH), 409, "not_pending")
+    assert body["details"]["status"] == "processing"
+    assert item_of_id(services, queue_id).priority == 0
+
+
+def item_of_id(services: Services, queue_id: uuid.UUID) -> MintQueueItem:
+    with services.sessions() as session:
+        item = session.get(MintQueueItem, queue_id)
+        assert item is not None
+        return item
+
+
+def test_cli_sets_priority(admin_app: Flask, services: Services) -> None:
+    runner = admin_app.test_cli_runner()
+    queue_id = item_of(services, queue_item(services)).queue_id
+    result = runner.invoke(args=["mintq", "priority", str(queue_id), "7"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["priority"] == 7
+    result = runner.invoke(args=["mintq", "priority", str(queue_id), "--", "-3"])
+    assert result.exit_code == 0, result.output
+    assert item_of_id(services, queue_id).priority == -3
+    result = runner.invoke(args=["mintq", "priority", str(queue_id), "5000"])
+    assert result.exit_code == 2 and "5000 is not in the range" in result.output

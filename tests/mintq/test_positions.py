@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -127,7 +128,7 @@ def test_positions_survive_redis_forgetting_its_scripts(services: Services, redi
     redis.script_flush()  # as after a Redis restart that kept its data
     assert [positions.position(redis, item) for item in ordered] == [1, 2]
     newest = SimpleNamespace(
-        queue_id=ordered[0].queue_id, created_at=datetime.now(UTC), settle_deadline=None
+        queue_id=ordered[0].queue_id, created_at=datetime.now(UTC), settle_deadline=None, priority=0
     )
     redis.script_flush()
     assert positions.position(redis, newest, add=True) == 3  # added behind both, no deadline
@@ -178,7 +179,7 @@ def test_members_sort_by_arrival_then_queue_id() -> None:
     """Equal scores sort by member bytes in Redis: the zero-padded arrival time, then the id."""
     early = datetime(2026, 1, 1, tzinfo=UTC)
     items = [
-        SimpleNamespace(queue_id=queue_id, created_at=created_at, settle_deadline=None)
+        SimpleNamespace(queue_id=queue_id, created_at=created_at, settle_deadline=None, priority=0)
         for queue_id, created_at in [
             ("00000000-0000-0000-0000-00000000000a", early + timedelta(microseconds=1)),
             ("ffffffff-0000-0000-0000-000000000000", early),
@@ -190,3 +191,30 @@ def test_members_sort_by_arrival_then_queue_id() -> None:
         positions.member(items[1]),
         positions.member(items[0]),
     ]
+
+
+def test_scores_order_priority_first_then_deadline() -> None:
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+
+    def item(priority: int, deadline: datetime | None) -> SimpleNamespace:
+        return SimpleNamespace(
+            queue_id=uuid.uuid4(), created_at=now, settle_deadline=deadline, priority=priority
+        )
+
+    soon, later = now + timedelta(minutes=5), now + timedelta(minutes=6)
+    far = datetime(9999, 12, 31, tzinfo=UTC)  # a validBefore far past any real deadline
+    claim_order = [
+        item(1000, None),
+        item(3, soon),
+        item(3, None),
+        item(0, soon),
+        item(0, later),
+        item(0, far),
+        item(0, None),
+        item(-1, soon),
+        item(-1000, None),
+    ]
+    scores = [positions.score(i) for i in claim_order]
+    assert scores == sorted(scores)
+    assert scores[5] == scores[6]  # past the year 4147 counts as no deadline; arrival decides
+    assert all(abs(s) < 2**53 and s == int(s) for s in scores)
