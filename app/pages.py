@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, abort, current_app, jsonify, send_from_directory
+from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
 
 from app.openapi import build_spec
 
 bp = Blueprint("pages", __name__)
 
-# Everything the pages use comes from this origin: a page never reaches the internet.
+# Everything the pages use comes from this origin: a page never reaches the internet. Live
+# updates come from the event service: on this origin behind nginx, or, for an API reached
+# directly, on EVENTS_PORT of the same host (where its redirect of the stream goes).
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
-    "frame-ancestors 'none'"
+    "default-src 'self'; img-src 'self' data:; connect-src 'self' {events}; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
 )
 
 
@@ -30,7 +33,12 @@ SWAGGER_UI_ASSETS = {
 
 def page(name: str) -> Response:
     response = current_app.send_static_file(name)
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    host = urlsplit(request.host_url).hostname or "127.0.0.1"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    settings = current_app.extensions["mintq"].settings
+    events = f"{request.scheme}://{host}:{settings.events_port}"
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY.format(events=events)
     response.headers["Cache-Control"] = "no-cache"
     return response
 

@@ -32,6 +32,7 @@ from werkzeug.serving import make_server
 
 from app import create_app
 from conftest import MINT_AMOUNT, PRICE, Chainside, free_ports, service_env, serving
+from deploy.processes import events_command
 from deploy.stack import Supervisor, api_command, beat_command, wait_until_serving, worker_command
 from mintq.services import Services
 from mintq.settings import Settings
@@ -54,12 +55,11 @@ class System:
 
 @pytest.fixture
 def system(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[System]:
-    api_port, allowed_port, other_port, no_events_port = free_ports(4)
+    api_port, events_port, allowed_port, other_port = free_ports(4)
     env = {
         **service_env(settings),
         "CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{allowed_port}",
-        # Streams go to an event service where there is none: the page must fall back to polling.
-        "EVENTS_PORT": str(no_events_port),
+        "EVENTS_PORT": str(events_port),
     }
     engine = create_engine(settings.database_url)
     with engine.begin() as conn:
@@ -70,10 +70,12 @@ def system(settings: Settings, clean_db: None, tmp_path: Path) -> Iterator[Syste
     engine.dispose()
     supervisor = Supervisor(log_dir=tmp_path / "logs")
     supervisor.start("api", api_command(api_port, workers=1, threads=8), env)
+    supervisor.start("events", events_command(events_port), env)
     supervisor.start("worker", worker_command("worker", concurrency=1), env)
     supervisor.start("beat", beat_command(tmp_path / "beat-schedule"), env)
     try:
         wait_until_serving(api_port, supervisor)
+        wait_until_serving(events_port, supervisor)
         yield System(f"http://127.0.0.1:{api_port}", settings, allowed_port, other_port)
     finally:
         supervisor.stop_all()
@@ -133,18 +135,23 @@ def queue_rows(settings: Settings) -> list[Any]:
 
 def statuses_seen(
     browser: webdriver.Chrome, card: str, until: str, timeout: float = 60
-) -> list[str]:
-    """Every status the card shows, in order, until it shows `until`."""
+) -> tuple[list[str], list[str]]:
+    """Every status the card shows, in order, until it shows `until`; and each way it said it
+    was being kept up to date."""
     seen: list[str] = []
+    modes: list[str] = []
 
     def check() -> bool:
         status = text_of(browser, f"{card} [data-field=status]")
         if status and (not seen or seen[-1] != status):
             seen.append(status)
+        mode = text_of(browser, f"{card} .live")
+        if mode and (not modes or modes[-1] != mode):
+            modes.append(mode)
         return status == until
 
     wait_for(browser, check, timeout)
-    return seen
+    return seen, modes
 
 
 def test_a_buyer_presses_mint_and_watches_it_complete(
@@ -167,7 +174,10 @@ def test_a_buyer_presses_mint_and_watches_it_complete(
         card = wait_for(browser, lambda: browser.find_element(By.CSS_SELECTOR, ".mint-item"))
         queue_id = card.get_attribute("data-queue-id")
         selector = f'[data-queue-id="{queue_id}"]'
-        seen = statuses_seen(browser, selector, "completed")
+        seen, modes = statuses_seen(browser, selector, "completed")
+        # Live from the event service (the API redirects the stream there), not by polling.
+        assert "Live: updates arrive as they happen." in modes, modes
+        assert "Live: checking every 2 s." not in modes, modes
         assert seen[0] == "pending" and seen[-1] == "completed", seen
         assert "processing" in seen or seen == ["pending", "completed"], seen
         assert "wallet_switchEthereumChain" in browser.execute_script(
@@ -210,8 +220,11 @@ def test_a_buyer_presses_mint_and_watches_it_complete(
 def test_the_progress_is_shown_as_pending_then_processing_then_completed(
     browser: webdriver.Chrome, system: System, chainside: Chainside, mining_paused: None
 ) -> None:
-    # Blocks wait for the test: the batch stays processing until one is mined.
+    # Blocks wait for the test: the batch stays processing until one is mined. Without the
+    # stream (blocked here) the page polls.
     buyer = chainside_payer_while_paused(chainside)
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/events"]})
     with injected_wallet(browser, chainside.w3, system.settings.rpc_url, buyer):
         browser.get(f"{system.api}/")
         wait_for(browser, lambda: text_of(browser, "#price") == "1 USDC")
@@ -224,6 +237,7 @@ def test_the_progress_is_shown_as_pending_then_processing_then_completed(
             browser, lambda: text_of(browser, f"{selector} [data-field=status]") == "processing"
         )
         assert text_of(browser, f"{selector} .steps .current") == "processing"
+        assert text_of(browser, f"{selector} .live") == "Live: checking every 2 s."
         browser.save_screenshot(str(SCREENSHOTS / "mint_page_processing.png"))
         chainside.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
         wait_for(
