@@ -136,6 +136,12 @@ def _json(schema: Any, description: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _with_paywall(response: dict[str, Any]) -> dict[str, Any]:
+    """The 402 of `POST /mint`, which a browser gets as the paywall page."""
+    response["content"]["text/html"] = {"schema": {"type": "string"}}
+    return response
+
+
 _X402_RESPONSE_HEADERS = {
     name: {
         "description": f"x402 v{v} settlement response (base64 JSON), when paid by {req}.",
@@ -222,16 +228,20 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                     "`invalid_json`, `validation_error`, `invalid_payment_header` or "
                     "`callback_not_allowed`.",
                 ),
-                "402": _json(
-                    PaymentRequiredSchema,
-                    "No payment, or not a valid one (`payment_required`, `insufficient_payment`, "
-                    "`wrong_amount`, `settlement_would_fail`, ...).",
-                    headers={
-                        PAYMENT_REQUIRED: {
-                            "description": "x402 version 2 payment requirements (base64 JSON).",
-                            "schema": {"type": "string"},
-                        }
-                    },
+                "402": _with_paywall(
+                    _json(
+                        PaymentRequiredSchema,
+                        "No payment, or not a valid one (`payment_required`, "
+                        "`insufficient_payment`, `wrong_amount`, `settlement_would_fail`, ...). "
+                        "A browser (`Accept: text/html`) sending no payment gets the paywall "
+                        "page (HTML) with the same header.",
+                        headers={
+                            PAYMENT_REQUIRED: {
+                                "description": "x402 version 2 payment requirements (base64 JSON).",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    )
                 ),
                 "404": _json(ErrorSchema, "`tx_not_found`: the chain does not know the tx."),
                 "409": _json(
