@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import resource
 import uuid
 from collections.abc import Sequence
@@ -61,6 +62,8 @@ RETRY_AFTER_SECONDS = 5
 # Reads in flight at once (each a thread and a pooled connection), and items per read.
 READ_THREADS = 4
 READ_BATCH = 500
+# How long a read waits for others to join it: a query's own cost is many items' worth.
+READ_WINDOW_SECONDS = 0.01
 # File descriptors kept for everything but streams: Postgres, Redis, logs, the listener.
 RESERVED_DESCRIPTORS = 64
 _PATTERN = events.channel("*")
@@ -167,8 +170,8 @@ def _read_items(svc: Services, queue_ids: list[uuid.UUID]) -> dict[uuid.UUID, di
 
 
 class Reader:
-    """Item reads for the streams: those asked for while a read is under way wait for a free
-    thread and then go together, up to READ_BATCH items in one query."""
+    """Item reads for the streams: those asked for within READ_WINDOW_SECONDS, or while every
+    thread is busy, go together, up to READ_BATCH items in one query."""
 
     def __init__(self, svc: Services) -> None:
         self.svc = svc
@@ -194,6 +197,7 @@ class Reader:
 
     async def _dispatch(self) -> None:
         try:
+            await asyncio.sleep(READ_WINDOW_SECONDS)
             while self.wanted:
                 await self.threads.acquire()
                 oldest = list(itertools.islice(self.wanted, READ_BATCH))
@@ -225,6 +229,11 @@ class Reader:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _first_line(exc: Exception) -> str:
+    """What went wrong, without the statement and its parameters (a read names 500 items)."""
+    return f"{type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
+
+
 def _event(item: dict[str, Any]) -> bytes:
     return f"event: status\ndata: {json.dumps(item, separators=(',', ':'))}\n\n".encode()
 
@@ -233,9 +242,9 @@ def _final(item: dict[str, Any]) -> bool:
     return item["status"] in events.FINAL_STATUSES
 
 
-def _error(exc: MintqError) -> web.Response:
+def _error(exc: MintqError, headers: dict[str, str]) -> web.Response:
     """The API's one JSON error shape (app.errors), with the same Retry-After on a 503."""
-    headers = dict(exc.headers)
+    headers = {**headers, **exc.headers}
     if exc.status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     body = {"error": exc.code, "message": exc.message, "details": exc.details}
@@ -264,7 +273,20 @@ class EventService:
                 return origin
         return None
 
+    def cors_headers(self, request: web.Request) -> dict[str, str]:
+        """EventSource sends a plain GET without credentials: no preflight, only the echo of
+        an allowed origin."""
+        origin = self.allowed_origin(request)
+        if origin is None:
+            return {"Vary": "Origin"}
+        return {
+            "Vary": "Origin",
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Expose-Headers": "Retry-After",
+        }
+
     async def stream(self, request: web.Request) -> web.StreamResponse:
+        headers = self.cors_headers(request)
         try:
             queue_id = queue.parse_queue_id(request.match_info["queue_id"])
             if self.streams >= self.max_streams:
@@ -275,23 +297,22 @@ class EventService:
                 )
             watch = self.changes.watch(queue_id)
         except MintqError as exc:
-            return _error(exc)
+            return _error(exc, headers)
         self.streams += 1
         try:
             try:
                 item = await self.reader.read(queue_id)
             except SQLAlchemyError as exc:
-                log.warning("live updates lost the database: %s", exc)
-                return _error(DependencyUnavailable("database"))
+                log.warning("live updates could not read: %s", _first_line(exc))
+                return _error(DependencyUnavailable("database"), headers)
             except RedisError as exc:
-                log.warning("live updates lost Redis: %s", exc)
-                return _error(DependencyUnavailable("redis"))
+                log.warning("live updates could not read: %s", _first_line(exc))
+                return _error(DependencyUnavailable("redis"), headers)
             if item is None:
-                return _error(
-                    MintqError("No such queue item.", code="queue_item_not_found", status=404)
-                )
+                missing = MintqError("No such queue item.", code="queue_item_not_found", status=404)
+                return _error(missing, headers)
             response = web.StreamResponse(
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
             response.content_type = "text/event-stream"
             response.charset = "utf-8"
@@ -314,7 +335,9 @@ class EventService:
         while not _final(last):
             beat = False
             try:
-                async with asyncio.timeout_at(quiet_since + HEARTBEAT_SECONDS):
+                # Beats fall on whole seconds of the loop's clock: the streams that beat in
+                # the same second read their items together, in one query.
+                async with asyncio.timeout_at(math.ceil(quiet_since + HEARTBEAT_SECONDS)):
                     await watch.changed.wait()
             except TimeoutError:
                 beat = True
@@ -326,7 +349,9 @@ class EventService:
             except (SQLAlchemyError, RedisError) as exc:
                 # The client reconnects (or polls) and starts again from the current state.
                 log.warning(
-                    "live updates could not read: %s", exc, extra={"queueId": str(queue_id)}
+                    "live updates could not read: %s",
+                    _first_line(exc),
+                    extra={"queueId": str(queue_id)},
                 )
                 return
             if current is None:  # deleted under us: nothing more will happen to it
@@ -343,20 +368,10 @@ class EventService:
 SERVICE = web.AppKey("service", EventService)
 
 
-async def _cors(request: web.Request, response: web.StreamResponse) -> None:
-    """EventSource sends a plain GET without credentials: no preflight, only the echo of an
-    allowed origin, set before a stream's headers go out."""
-    origin = request.app[SERVICE].allowed_origin(request)
-    if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-    response.headers.add("Vary", "Origin")
-
-
 async def _healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if not service.changes.subscribed.is_set():
-        return _error(DependencyUnavailable("redis"))
+        return _error(DependencyUnavailable("redis"), {})
     return web.json_response({"status": "ok", "streams": service.streams})
 
 
@@ -380,7 +395,6 @@ def create_service(svc: Services, streams: int | None = None) -> web.Application
     application[SERVICE] = service
     application.router.add_get(PATH, service.stream)
     application.router.add_get("/healthz", _healthz)
-    application.on_response_prepare.append(_cors)
 
     async def lifecycle(_app: web.Application) -> Any:
         await service.changes.start()
