@@ -40,6 +40,27 @@ class QueueStatus(StrEnum):
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
+    # The payment bought nothing (outside the sale's rules, or cancelled): it is paid back.
+    REFUNDED = "refunded"
+
+
+# Statuses in which an item holds its quantity of the sale's supply (`sale_supply`).
+HOLDING = (QueueStatus.PENDING, QueueStatus.PROCESSING, QueueStatus.COMPLETED)
+
+
+class RefundStatus(StrEnum):
+    """pending: owed, not yet in a transaction; sent: in a refund batch; confirmed: paid on
+    chain; dust: below the minimum worth sending, recorded and not sent."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    CONFIRMED = "confirmed"
+    DUST = "dust"
+
+
+class BatchKind(StrEnum):
+    MINT = "mint"
+    REFUND = "refund"
 
 
 class PaymentType(StrEnum):
@@ -65,6 +86,8 @@ class BatchStatus(StrEnum):
 BATCH_IN_FLIGHT = (BatchStatus.SIGNED, BatchStatus.SENT)
 
 QUEUE_STATUSES = tuple(s.value for s in QueueStatus)
+REFUND_STATUSES = tuple(s.value for s in RefundStatus)
+BATCH_KINDS = tuple(k.value for k in BatchKind)
 PAYMENT_TYPES = tuple(t.value for t in PaymentType)
 BATCH_STATUSES = tuple(s.value for s in BatchStatus)
 
@@ -102,10 +125,12 @@ class BatchMint(Base):
     __tablename__ = "batch_mints"
     __table_args__ = (
         CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
+        CheckConstraint(_in("kind", BATCH_KINDS), name="kind"),
         UniqueConstraint("nonce"),
     )
 
     batch_id: Mapped[uuid.UUID] = _uuid_pk()
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, server_default="mint")
     nonce: Mapped[int] = mapped_column(BigInteger, nullable=False)
     tx_hash: Mapped[str] = mapped_column(String(66), nullable=False, unique=True)
     raw_tx: Mapped[str] = mapped_column(Text, nullable=False)
@@ -131,6 +156,12 @@ class MintQueueItem(Base):
         CheckConstraint(_in("status", QUEUE_STATUSES), name="status"),
         CheckConstraint(_in("payment_type", PAYMENT_TYPES), name="payment_type"),
         CheckConstraint("retry_count >= 0", name="retry_count"),
+        CheckConstraint("quantity >= 0", name="quantity"),
+        CheckConstraint(_in("refund_status", REFUND_STATUSES), name="refund_status"),
+        CheckConstraint(
+            "(refund_amount IS NULL) = (refund_status IS NULL) AND refund_amount > 0",
+            name="refund_amount",
+        ),
         # The database, not a check-then-insert, guarantees one queue item per payment.
         UniqueConstraint("payment_id"),
         CheckConstraint(f"priority BETWEEN {-MAX_PRIORITY} AND {MAX_PRIORITY}", name="priority"),
@@ -149,6 +180,12 @@ class MintQueueItem(Base):
         ),
         Index("ix_mint_queue_payer", "payer", "created_at"),
         Index("ix_mint_queue_batch_id", "batch_id"),
+        Index("ix_mint_queue_refund_batch_id", "refund_batch_id"),
+        Index(
+            "ix_mint_queue_refunds_due",
+            "updated_at",
+            postgresql_where=text("refund_status = 'pending'"),
+        ),
     )
 
     queue_id: Mapped[uuid.UUID] = _uuid_pk()
@@ -175,6 +212,17 @@ class MintQueueItem(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     # Set by an operator: a higher priority is batched before any lower one.
     priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Mints this payment buys (0: it bought nothing and is refunded in full), at `price` each.
+    quantity: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    price: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
+    # What the payer is owed back, in atomic USDC, once the item is final (NULL: nothing); set
+    # by the database (migration 0009) whenever the status becomes final, whoever sets it.
+    refund_amount: Mapped[Decimal | None] = mapped_column(Uint256)
+    refund_status: Mapped[str | None] = mapped_column(String(16))
+    refund_tx_hash: Mapped[str | None] = mapped_column(String(66))
+    refund_batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batch_mints.batch_id")
+    )
 
     @classmethod
     def claim_order(cls) -> tuple[Any, ...]:
@@ -291,6 +339,16 @@ class HotWallet(Base):
     low_funds_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     balance: Mapped[Decimal | None] = mapped_column(Uint256)
     balance_needed: Mapped[Decimal | None] = mapped_column(Uint256)
+
+
+class SaleSupply(Base):
+    """Mints the held items hold (one row, kept by the `mint_queue_sale` trigger)."""
+
+    __tablename__ = "sale_supply"
+    __table_args__ = (CheckConstraint("id", name="one_row"),)
+
+    id: Mapped[bool] = mapped_column(primary_key=True, server_default=text("true"))
+    reserved: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class SystemSetting(Base):

@@ -1,0 +1,171 @@
+"""The sale's rules: supply, a per-payer limit, a quantity limit and a window.
+
+They are `system_settings` rows, changed live through the admin API or CLI, and enforced by
+the database itself: the `mint_queue_sale` trigger (migration 0009) reserves a new item's
+quantity in the statement that inserts it, across every API replica, and refuses it with a
+SQLSTATE of class MQ. This module validates the settings, reads the sale's state for clients,
+and turns the trigger's refusals into API errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from db.models import MintQueueItem, QueueStatus, SaleSupply, SystemSetting
+from mintq.errors import MintqError
+
+# Setting keys, in the order they are shown.
+KEYS = ("max_supply", "max_per_payer", "max_quantity", "sale_starts_at", "sale_ends_at")
+_COUNTS = {"max_supply": 0, "max_per_payer": 1, "max_quantity": 1}
+_LARGEST = 10**18 - 1  # what the stored value's pattern allows (and a bigint holds)
+_LARGEST_QUANTITY = 999_999
+
+
+@dataclass(frozen=True)
+class SaleRules:
+    max_supply: int | None = None
+    max_per_payer: int | None = None
+    max_quantity: int = 1
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SaleState:
+    """The sale as `GET /config` shows it."""
+
+    rules: SaleRules
+    sold: int
+    reserved: int
+    state: str  # upcoming | open | paused | sold_out | ended
+
+    @property
+    def remaining(self) -> int | None:
+        if self.rules.max_supply is None:
+            return None
+        return max(self.rules.max_supply - self.reserved, 0)
+
+
+def normalize(key: str, raw: str) -> str:
+    """The stored form of a sale setting: '' (or null) for no limit, a whole number, or an
+    ISO 8601 time in UTC. Raises ValueError with a readable message."""
+    text = raw.strip()
+    if key in _COUNTS:
+        if text in ("", "null", "none") and key != "max_quantity":
+            return ""
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{key} must be a whole number or null, got {raw!r}") from None
+        low = _COUNTS[key]
+        high = _LARGEST_QUANTITY if key == "max_quantity" else _LARGEST
+        if not low <= value <= high:
+            raise ValueError(f"{key} must be between {low} and {high}, got {raw!r}")
+        return str(value)
+    if key in ("sale_starts_at", "sale_ends_at"):
+        if text in ("", "null", "none"):
+            return ""
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{key} must be an ISO 8601 time or null, got {raw!r}") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"{key} needs a UTC offset (e.g. 2026-12-24T18:00:00Z), got {raw!r}")
+        return moment.astimezone(UTC).isoformat()
+    raise ValueError(f"unknown setting {key!r}")
+
+
+def check_window(values: dict[str, str]) -> None:
+    """A sale that would close before it opens is refused (`values`: stored forms, merged)."""
+    starts, ends = values.get("sale_starts_at"), values.get("sale_ends_at")
+    if starts and ends and datetime.fromisoformat(ends) <= datetime.fromisoformat(starts):
+        raise ValueError(f"sale_ends_at ({ends}) must be after sale_starts_at ({starts})")
+
+
+def load_rules(db: Session | Connection) -> SaleRules:
+    rows = dict(
+        db.execute(
+            select(SystemSetting.key, SystemSetting.value).where(SystemSetting.key.in_(KEYS))
+        ).tuples()
+    )
+
+    def count(key: str) -> int | None:
+        value = rows.get(key, "")
+        return int(value) if value else None
+
+    def moment(key: str) -> datetime | None:
+        value = rows.get(key, "")
+        return datetime.fromisoformat(value) if value else None
+
+    return SaleRules(
+        max_supply=count("max_supply"),
+        max_per_payer=count("max_per_payer"),
+        max_quantity=count("max_quantity") or 1,
+        starts_at=moment("sale_starts_at"),
+        ends_at=moment("sale_ends_at"),
+    )
+
+
+def load_state(db: Session | Connection, *, paused: bool) -> SaleState:
+    rules = load_rules(db)
+    reserved = int(db.scalar(select(SaleSupply.reserved)) or 0)
+    sold = int(
+        db.scalar(
+            select(func.coalesce(func.sum(MintQueueItem.quantity), 0)).where(
+                MintQueueItem.status == QueueStatus.COMPLETED
+            )
+        )
+        or 0
+    )
+    now = datetime.now(UTC)
+    if rules.ends_at is not None and now >= rules.ends_at:
+        state = "ended"
+    elif rules.starts_at is not None and now < rules.starts_at:
+        state = "upcoming"
+    elif rules.max_supply is not None and reserved >= rules.max_supply:
+        state = "sold_out"
+    elif paused:
+        state = "paused"
+    else:
+        state = "open"
+    return SaleState(rules, sold, reserved, state)
+
+
+class SaleRefusal(MintqError):
+    """The sale's rules refuse this payment (before any money moves, for an authorization)."""
+
+    status = 409
+
+
+# The trigger's SQLSTATEs, and what a buyer is told.
+_REFUSALS: dict[str, tuple[str, str]] = {
+    "MQ001": ("sale_not_started", "The sale has not started yet."),
+    "MQ002": ("sale_ended", "The sale has ended."),
+    "MQ003": ("quantity_too_large", "That is more mints than one payment may buy."),
+    "MQ004": ("payer_limit_reached", "This payer already holds as many mints as one may."),
+    "MQ005": ("sold_out", "Sold out: not enough mints are left."),
+}
+_DETAIL_NAMES = {
+    "MQ001": "startsAt",
+    "MQ002": "endsAt",
+    "MQ003": "maxQuantity",
+    "MQ004": "held",
+    "MQ005": "remaining",
+}
+
+
+def refusal(exc: DBAPIError) -> SaleRefusal | None:
+    """The sale refusal an insert failed with, or None when it failed for another reason."""
+    code = getattr(exc.orig, "pgcode", None)
+    if code not in _REFUSALS:
+        return None
+    name, message = _REFUSALS[code]
+    diag: Any = getattr(exc.orig, "diag", None)
+    detail = getattr(diag, "message_detail", None)
+    return SaleRefusal(message, code=name, details={_DETAIL_NAMES[code]: detail})
