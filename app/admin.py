@@ -176,7 +176,8 @@ def retry_item(queue_id: str) -> Response:
         409:
           description: >
             `not_retryable` (not failed; `details.status` says what it is),
-            `authorization_expired`, or `batch_in_flight`.
+            `authorization_expired`, `batch_in_flight`, or `refund_sent` (its money is on
+            the way back; a refund not yet sent is dropped by a retry).
           content: {application/json: {schema: ErrorSchema}}
         503: {$ref: "#/components/responses/Unavailable"}
     """  # noqa: E501
@@ -198,13 +199,14 @@ def cancel_item(queue_id: str) -> Response:
     ---
     post:
       description: >
-        Only a `pending` item: it becomes `failed` with the error "cancelled by an operator".
-        An item a batch already claimed is `processing` and cannot be cancelled. Nothing is
-        refunded yet: an unsettled authorization is simply never submitted, but a custom
-        payment is already on chain.
+        Only a `pending` item, with the error "cancelled by an operator". An unsettled
+        authorization is simply never submitted: the item becomes `failed`, uncharged. Money
+        that has moved (a transfer) is paid back: the item becomes `refunded`, owing its payer
+        everything paid. An item a batch already claimed is `processing` and cannot be
+        cancelled.
       security: [{adminToken: []}]
       responses:
-        200: {description: "The item, now failed.", content: {application/json: {schema: QueueItemSchema}}}
+        200: {description: "The item, now failed or refunded.", content: {application/json: {schema: QueueItemSchema}}}
         400: {description: "`invalid_queue_id`.", content: {application/json: {schema: ErrorSchema}}}
         401: {$ref: "#/components/responses/Error"}
         404: {description: "`queue_item_not_found`.", content: {application/json: {schema: ErrorSchema}}}
@@ -216,6 +218,35 @@ def cancel_item(queue_id: str) -> Response:
     session = db()
     g.admin_audit = {"queueId": queue_id}
     item = admin.cancel_item(session, parse_queue_id(queue_id))
+    session.commit()
+    _announce(item)
+    return jsonify(_item_view(session, item, services().operating(session)))
+
+
+@bp.post("/items/<queue_id>/refund")
+def refund_item(queue_id: str) -> Response:
+    """Pay a pending item's money back instead of minting it
+    ---
+    post:
+      description: >
+        Only a `pending` item whose money has moved (a USDC transfer, or an authorization
+        settled already): it becomes `refunded` and its payer is owed everything paid
+        (`refundAmount`); the nonce owner's next refund batch sends it. An unsettled
+        authorization took nothing: cancel it instead.
+      security: [{adminToken: []}]
+      responses:
+        200: {description: "The item, now refunded.", content: {application/json: {schema: QueueItemSchema}}}
+        400: {description: "`invalid_queue_id`.", content: {application/json: {schema: ErrorSchema}}}
+        401: {$ref: "#/components/responses/Error"}
+        404: {description: "`queue_item_not_found`.", content: {application/json: {schema: ErrorSchema}}}
+        409:
+          description: "`not_refundable` (not pending), or `nothing_to_refund` (nothing was charged)."
+          content: {application/json: {schema: ErrorSchema}}
+        503: {$ref: "#/components/responses/Unavailable"}
+    """  # noqa: E501
+    session = db()
+    g.admin_audit = {"queueId": queue_id}
+    item = admin.refund_item(session, parse_queue_id(queue_id))
     session.commit()
     _announce(item)
     return jsonify(_item_view(session, item, services().operating(session)))
@@ -345,7 +376,7 @@ def patch_settings() -> Response:
           application/json:
             schema:
               type: object
-              additionalProperties: {type: [string, number, boolean]}
+              additionalProperties: {type: [string, number, boolean, "null"]}
       responses:
         200:
           description: Every setting after the change, as `GET /admin/settings`.
@@ -361,14 +392,17 @@ def patch_settings() -> Response:
         raise MintqError("The body must be a JSON object of settings.", code="invalid_json")
     changes: dict[str, str] = {}
     for key, value in body.items():
-        if isinstance(value, bool):
+        if value is None:
+            changes[key] = ""  # no limit, where a setting may have none
+        elif isinstance(value, bool):
             changes[key] = "true" if value else "false"
         elif isinstance(value, int | float | str):
             changes[key] = str(value)
         else:
             raise InvalidSetting(
-                f"Invalid setting {key}: must be a string, number or boolean. Nothing was changed.",
-                details={key: ["must be a string, number or boolean"]},
+                f"Invalid setting {key}: must be a string, number, boolean or null. Nothing was "
+                "changed.",
+                details={key: ["must be a string, number, boolean or null"]},
             )
     session = db()
     changed = admin.update_settings(session, changes)

@@ -112,6 +112,13 @@ def cancel(queue_id: str) -> None:
     _item_action("cancel", queue_id, admin.cancel_item)
 
 
+@cli.command("refund")
+@click.argument("queue_id")
+def refund(queue_id: str) -> None:
+    """Pay a pending paid item back instead of minting it (it becomes refunded)."""
+    _item_action("refund", queue_id, admin.refund_item)
+
+
 @cli.command("priority")
 @click.argument("queue_id")
 @click.argument("priority", type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY))

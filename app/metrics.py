@@ -36,13 +36,17 @@ from web3 import Web3
 from db.models import (
     BATCH_IN_FLIGHT,
     QUEUE_STATUSES,
+    REFUND_STATUSES,
     WEBHOOK_EVENTS,
     BatchMint,
     HotWallet,
     MintQueueItem,
+    RefundStatus,
+    SaleSupply,
     WalletTransaction,
     WebhookDelivery,
 )
+from mintq import sale
 from mintq.errors import MintqError
 from mintq.operating import load_operating_settings
 from mintq.services import Services
@@ -297,7 +301,7 @@ class MintqCollector:
             )
             stats = session.execute(
                 text(
-                    "SELECT pending, processing, completed, failed, batches_in_flight, "
+                    "SELECT pending, processing, completed, failed, refunded, batches_in_flight, "
                     "extract(epoch FROM now() - oldest_pending_at) FROM queue_stats"
                 )
             ).one()
@@ -346,21 +350,22 @@ class MintqCollector:
             )
             ops = load_operating_settings(session)
             webhooks = self._webhook_backlog(session)
+            sale_metrics = self._sale(session)
 
         items = GaugeMetricFamily("mintq_queue_items", "Queue items by status.", labels=["status"])
-        for status, count in zip(QUEUE_STATUSES, stats[:4], strict=True):
+        for status, count in zip(QUEUE_STATUSES, stats[:5], strict=True):
             items.add_metric([status], float(count))
         metrics: list[Metric] = [
             items,
             GaugeMetricFamily(
                 "mintq_queue_oldest_pending_age_seconds",
                 "Age of the oldest pending item by the database clock; 0 when none is pending.",
-                value=float(stats[5] or 0),
+                value=float(stats[6] or 0),
             ),
             GaugeMetricFamily(
                 "mintq_batches_in_flight",
                 "Batches signed or sent and not yet final.",
-                value=float(stats[4]),
+                value=float(stats[5]),
             ),
         ]
         start = 0
@@ -379,6 +384,7 @@ class MintqCollector:
             )
         )
         metrics += webhooks
+        metrics += sale_metrics
         wallet = None
         if wallet_row:
             wallet = _Wallet(wallet_row[0], int(wallet_row[1]))
@@ -438,6 +444,62 @@ class MintqCollector:
                     value=float(last_batch_age),
                 )
             )
+        return metrics
+
+    @staticmethod
+    def _sale(session: Session) -> list[Metric]:
+        """The supply the sale holds and its cap, and refunds by how far they got."""
+        rules = sale.load_rules(session)
+        reserved = session.scalar(select(SaleSupply.reserved)) or 0
+        refunds = session.execute(
+            select(
+                MintQueueItem.refund_status,
+                func.count(),
+                func.coalesce(func.sum(MintQueueItem.refund_amount), 0),
+                extract("epoch", func.now() - func.min(MintQueueItem.updated_at)),
+            )
+            .where(MintQueueItem.refund_status.is_not(None))
+            .group_by(MintQueueItem.refund_status)
+        ).all()
+        metrics: list[Metric] = [
+            GaugeMetricFamily(
+                "mintq_sale_reserved_mints",
+                "Mints held by items queued, in flight or completed (the supply taken).",
+                value=float(reserved),
+            )
+        ]
+        if rules.max_supply is not None:
+            metrics.append(
+                GaugeMetricFamily(
+                    "mintq_sale_max_supply_mints",
+                    "The sale's max_supply; left out when it has none.",
+                    value=float(rules.max_supply),
+                )
+            )
+        count = GaugeMetricFamily("mintq_refunds", "Refunds by refund status.", labels=["status"])
+        amount = GaugeMetricFamily(
+            "mintq_refunds_usdc",
+            "Refund amounts by refund status, in USDC (6 decimals).",
+            labels=["status"],
+        )
+        oldest_pending = 0.0
+        by_status = {row[0]: row for row in refunds}
+        for status in REFUND_STATUSES:
+            row = by_status.get(status)
+            count.add_metric([status], float(row[1]) if row else 0.0)
+            amount.add_metric([status], float(row[2] or 0) / 10**6 if row else 0.0)
+            if status == RefundStatus.PENDING and row:
+                oldest_pending = float(row[3] or 0)
+        metrics += [
+            count,
+            amount,
+            GaugeMetricFamily(
+                "mintq_oldest_pending_refund_age_seconds",
+                "Seconds since the oldest refund still owed and not yet sent became owed; 0 "
+                "when none is.",
+                value=oldest_pending,
+            ),
+        ]
         return metrics
 
     @staticmethod

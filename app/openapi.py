@@ -83,6 +83,7 @@ class QueueStatusSchema(Schema):
     processing = fields.Integer()
     completed = fields.Integer()
     failed = fields.Integer()
+    refunded = fields.Integer()
     oldest_pending_age_seconds = fields.Float(data_key="oldestPendingAgeSeconds", allow_none=True)
     recent_batches = fields.List(fields.Nested(BatchSchema), data_key="recentBatches")
     # Named, not imported: resolved in marshmallow's class registry when the document is built.

@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session
 
 from app import jsonbody, pages, ratelimit
 from app.schemas import (
+    MAX_QUANTITY,
     BatchSchema,
     ConfigSchema,
     HotWalletSchema,
     load_callback_url,
     load_mint_request,
 )
-from mintq import intake, queue, webhooks
+from mintq import intake, queue, sale, webhooks
 from mintq.errors import MintqError, PaymentRejected
 from mintq.operating import OperatingSettings
 from mintq.payments import CustomPayment, GaslessPayment, Payment, PaymentType
@@ -61,7 +62,7 @@ def _item_view(
 def _payment_required(message: str = "This endpoint needs a payment.") -> MintqError:
     """402 with the x402 requirements (v2 header, v1 body) and the other ways to pay."""
     svc = services()
-    headers, body = svc.x402.payment_required(request.url)
+    headers, body = svc.x402.payment_required(request.url, quantity=_quantity())
     return MintqError(
         message,
         code="payment_required",
@@ -90,9 +91,13 @@ def _read_json_body() -> dict[str, Any] | None:
 @bp.get("/config")
 def get_config() -> Response:
     svc = services()
+    session = db()
+    ops = svc.operating(session, max_age=0)
+    state = sale.load_state(session, paused=ops.paused, sold=svc.sold(session))
     return jsonify(
         ConfigSchema().dump(
             {
+                "sale": state,
                 "chain_id": svc.chain.chain_id,
                 "network": svc.chain.network,
                 "usdc": svc.settings.usdc_address,
@@ -191,7 +196,7 @@ def _parse_payment(svc: Services, by_header: bool) -> tuple[Payment, str | None]
     """The payment the request presents, and where to send its webhook."""
     if by_header:
         callback_url = _callback_url(None)
-        decoded = svc.x402.decode(request.headers.get)
+        decoded = svc.x402.decode(request.headers.get, _quantity())
         assert decoded is not None
         return X402Mint(svc.x402, decoded), callback_url
     body = _read_json_body()
@@ -201,7 +206,24 @@ def _parse_payment(svc: Services, by_header: bool) -> tuple[Payment, str | None]
     callback_url = _callback_url(data["callback_url"])
     if data["payment_type"] == PaymentType.CUSTOM:
         return CustomPayment(svc.chain, data["tx_hash"]), callback_url
-    return GaslessPayment(svc.chain, data["authorization"], data["signature"]), callback_url
+    return (
+        GaslessPayment(svc.chain, data["authorization"], data["signature"], data["quantity"]),
+        callback_url,
+    )
+
+
+def _quantity() -> int:
+    """`?quantity=n`: how many mints an x402 request buys (1 unless it says)."""
+    raw = request.args.get("quantity")
+    if raw is None:
+        return 1
+    try:
+        quantity = int(raw)
+    except ValueError:
+        quantity = 0
+    if not 1 <= quantity <= MAX_QUANTITY:
+        raise ValidationError({"quantity": [f"must be a whole number from 1 to {MAX_QUANTITY}"]})
+    return quantity
 
 
 def _callback_url(from_body: str | None) -> str | None:
@@ -227,7 +249,7 @@ def _x402_refusals_repeat_requirements(gateway: X402Gateway) -> Iterator[None]:
         # code is the one a gasless presentation of the same authorization gets.
         if exc.status == 422:
             exc.status = 402
-        headers, body = gateway.payment_required(request.url, exc.message)
+        headers, body = gateway.payment_required(request.url, exc.message, _quantity())
         exc.headers.update(headers)
         exc.body.update(body)
         raise

@@ -9,6 +9,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from mintq import webhooks
 from mintq.eip3009 import MAX_UINT256, Authorization, parse_address
 from mintq.queue import QueueItemSchema as QueueItemSchema  # the view lives with the queue
+from mintq.sale import MAX_QUANTITY
 
 TX_HASH = validate.Regexp(r"^0x[0-9a-fA-F]{64}$", error="must be a 0x-prefixed 32-byte hex hash")
 
@@ -126,6 +127,12 @@ class GaslessPaymentSchema(Schema):
     payment_type = fields.Constant("gasless", data_key="paymentType")
     authorization = fields.Nested(AuthorizationSchema, required=True)
     signature = HexBytes(required=True)
+    quantity = fields.Integer(
+        load_default=1,
+        strict=True,
+        validate=validate.Range(1, MAX_QUANTITY),
+        metadata={"description": "Mints to buy; the authorization's value is quantity x price."},
+    )
     callback_url = _callback_url_field()
 
 
@@ -161,6 +168,26 @@ class BatchSchema(Schema):
     confirmed_at = fields.AwareDateTime(data_key="confirmedAt", allow_none=True)
 
 
+class SaleSchema(Schema):
+    """The sale's rules and supply, in mints (null: no limit)."""
+
+    max_supply = fields.Integer(data_key="maxSupply", allow_none=True, attribute="rules.max_supply")
+    sold = fields.Integer(metadata={"description": "Mints completed."})
+    reserved = fields.Integer(
+        metadata={"description": "Mints held by items queued, in flight or completed."}
+    )
+    remaining = fields.Integer(allow_none=True)
+    max_per_payer = fields.Integer(
+        data_key="maxPerPayer", allow_none=True, attribute="rules.max_per_payer"
+    )
+    max_quantity = fields.Integer(data_key="maxQuantity", attribute="rules.max_quantity")
+    starts_at = fields.AwareDateTime(
+        data_key="startsAt", allow_none=True, attribute="rules.starts_at"
+    )
+    ends_at = fields.AwareDateTime(data_key="endsAt", allow_none=True, attribute="rules.ends_at")
+    state = fields.String(metadata={"enum": ["upcoming", "open", "paused", "sold_out", "ended"]})
+
+
 class ConfigSchema(Schema):
     chain_id = fields.Integer(data_key="chainId")
     network = fields.String()
@@ -169,6 +196,7 @@ class ConfigSchema(Schema):
     pay_to = fields.String(data_key="payTo")
     price = fields.String()
     mint_amount = fields.String(data_key="mintAmount")
+    sale = fields.Nested(SaleSchema)
 
 
 class HotWalletSchema(Schema):

@@ -109,12 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8, help="per gunicorn worker")
     parser.add_argument("--block-time", type=float, default=1.0, help="of the chain modelled")
     parser.add_argument("--ceiling-batch", type=int, default=200)
+    parser.add_argument(
+        "--max-supply", type=int, help="a sale cap (enough for every request: only its cost)"
+    )
+    parser.add_argument("--max-per-payer", type=int, help="a per-payer limit, likewise")
     args = parser.parse_args(argv)
 
     print(
         f"{args.kind} intake, {args.passes} x {args.requests} requests, concurrency "
         f"{args.concurrency}, {args.workers} gunicorn workers x {args.threads} threads, "
-        f"{args.pending} pending rows before",
+        f"{args.pending} pending rows before; max_supply {args.max_supply}, max_per_payer "
+        f"{args.max_per_payer}",
         flush=True,
     )
     print(f"host: process round trip {process_round_trip_micros():.1f} µs (idle)", flush=True)
@@ -123,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pending:
             seed_queue(env.settings.database_url, args.pending, ahead=True)
         build_positions(env)  # as the batch worker's first tick does
+        sale_rules = {"max_supply": args.max_supply, "max_per_payer": args.max_per_payer}
+        with env.minter().sessions() as session, session.begin():
+            for key, value in sale_rules.items():
+                if value is not None:
+                    session.execute(
+                        text("UPDATE system_settings SET value = :v WHERE key = :k"),
+                        {"k": key, "v": str(value)},
+                    )
         bodies = prepare_bodies(env, args.kind, args.requests * args.passes)
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
         port = 18000 + (args.pending % 1000)

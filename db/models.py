@@ -50,12 +50,14 @@ HOLDING = (QueueStatus.PENDING, QueueStatus.PROCESSING, QueueStatus.COMPLETED)
 
 class RefundStatus(StrEnum):
     """pending: owed, not yet in a transaction; sent: in a refund batch; confirmed: paid on
-    chain; dust: below the minimum worth sending, recorded and not sent."""
+    chain; dust: below the minimum worth sending, recorded and not sent; failed: USDC refused
+    it for good (a blacklisted payer), for an operator to look at."""
 
     PENDING = "pending"
     SENT = "sent"
     CONFIRMED = "confirmed"
     DUST = "dust"
+    FAILED = "failed"
 
 
 class BatchKind(StrEnum):

@@ -58,7 +58,8 @@ from mintq.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, MIN_ADMIN_TO
 # Dev chain roles: account 0 deploys, account 1 is the hot wallet, account 2 receives payments.
 DEV_DEPLOYER_KEY = ANVIL_KEYS[0]
 DEV_MINTER_KEY = ANVIL_KEYS[1]
-DEV_PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
+DEV_PAY_TO_KEY = ANVIL_KEYS[2]
+DEV_PAY_TO = Account.from_key(DEV_PAY_TO_KEY).address
 DEV_PRICE = "1000000"  # 1 USDC (6 decimals)
 DEV_MINT_AMOUNT = 100 * 10**18
 
@@ -270,6 +271,8 @@ def _deploy_dev_contracts(env: dict[str, str], rpc_url: str) -> None:
         TOKEN_ADDRESS=deployment.token,
         MINTER_PRIVATE_KEY=minter_key,
         PAY_TO=env.get("PAY_TO") or DEV_PAY_TO,
+        # payTo's dev key: refunds come out of the USDC paid in.
+        REFUND_PRIVATE_KEY=env.get("REFUND_PRIVATE_KEY") or DEV_PAY_TO_KEY,
         PRICE=env.get("PRICE") or DEV_PRICE,
     )
     print(f"deployed MockUSDC at {deployment.usdc} and MintToken at {deployment.token}")

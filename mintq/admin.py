@@ -22,9 +22,12 @@ from db.models import (
     MAX_PRIORITY,
     BatchMint,
     MintQueueItem,
+    QueueStatus,
+    RefundStatus,
     SystemSetting,
     WalletTransaction,
 )
+from mintq import sale
 from mintq.errors import MintqError
 from mintq.operating import parse_setting
 
@@ -90,6 +93,13 @@ def retry_item(
         raise _refused(
             item, "not_retryable", f"Only a failed item can be retried, not {item.status}."
         )
+    if item.refund_status in (RefundStatus.SENT, RefundStatus.CONFIRMED):
+        raise _refused(
+            item,
+            "refund_sent",
+            "The payment is being paid back to its payer: it cannot buy a mint any more.",
+            refundStatus=item.refund_status,
+        )
     if item.batch_id is not None:
         batch_status = session.scalar(
             select(BatchMint.status).where(BatchMint.batch_id == item.batch_id)
@@ -115,6 +125,8 @@ def retry_item(
     item.status = "pending"
     item.error = None
     item.batch_id = None
+    # A refund not yet sent is owed no more: the payment buys its mint after all.
+    item.refund_amount = item.refund_status = None
     session.flush()
     session.refresh(item)  # updated_at comes from a trigger
     return item
@@ -131,22 +143,45 @@ def _unsettled_valid_before(item: MintQueueItem) -> int | None:
 
 
 def cancel_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem:
-    """Fail a pending item before any batch claims it.
+    """Take a pending item out of the queue before any batch claims it.
 
     The row lock waits for a claim in progress: if the worker claimed the item first, this
-    sees `processing` and refuses. Nothing is refunded: a custom payment is already on
-    chain, while an unsettled authorization is simply never submitted.
+    sees `processing` and refuses. An item whose money has moved (a transfer, an authorization
+    settled already) becomes `refunded` and its payer is owed the whole amount; an unsettled
+    authorization is simply never submitted, so its item just fails, uncharged.
     """
     item = _locked_item(session, queue_id)
     if item.status != "pending":
         raise _refused(
             item, "not_cancellable", f"Only a pending item can be cancelled, not {item.status}."
         )
-    item.status = "failed"
+    moved = item.payment_tx_hash is not None
+    item.status = QueueStatus.REFUNDED if moved else QueueStatus.FAILED
     item.error = CANCELLED
     session.flush()
     session.refresh(item)
     return item
+
+
+def refund_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem:
+    """Pay a pending item's money back instead of minting: it becomes `refunded`.
+
+    Only a pending item whose money has moved (a transfer, or an authorization settled
+    already); an unsettled authorization has taken nothing, so there is nothing to pay back
+    (cancel it instead).
+    """
+    item = _locked_item(session, queue_id)
+    if item.status != "pending":
+        raise _refused(
+            item, "not_refundable", f"Only a pending item can be refunded, not {item.status}."
+        )
+    if item.payment_tx_hash is None:
+        raise _refused(
+            item,
+            "nothing_to_refund",
+            "This payment's authorization was never settled: nothing was charged. Cancel it.",
+        )
+    return cancel_item(session, queue_id)
 
 
 def set_priority(session: Session, queue_id: uuid.UUID, priority: int) -> MintQueueItem:
@@ -229,9 +264,18 @@ def update_settings(session: Session, changes: dict[str, str]) -> dict[str, tupl
     errors: dict[str, list[str]] = {}
     for key, raw in changes.items():
         try:
-            values[key] = _stored(parse_setting(key, raw))
+            if key in sale.SETTING_KEYS:
+                values[key] = sale.normalize(key, raw)
+            else:
+                values[key] = _stored(parse_setting(key, raw))
         except ValueError as exc:
             errors[key] = [_reason(key, raw, exc)]
+    if not errors and {"sale_starts_at", "sale_ends_at"} & set(values):
+        stored = {key: row.value for key, row in read_settings(session).items()}
+        try:
+            sale.check_window({**stored, **values})
+        except ValueError as exc:
+            errors["sale_ends_at"] = [str(exc)]
     if errors:
         first = next(iter(errors))
         raise InvalidSetting(

@@ -24,8 +24,15 @@ from sqlalchemy.orm import Session
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
-from db.models import BATCH_IN_FLIGHT, BatchMint, MintHistory, MintQueueItem, QueueStatus
-from mintq import events, positions, queue
+from db.models import (
+    BATCH_IN_FLIGHT,
+    BatchKind,
+    BatchMint,
+    MintHistory,
+    MintQueueItem,
+    QueueStatus,
+)
+from mintq import events, positions, queue, refunds
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
@@ -112,6 +119,14 @@ def _run_as_owner(minter: Minter, lock: NonceLock) -> TickResult:
         if batch_id is None:
             break
         result.sent.append(batch_id)
+    if not (result.paused or result.low_funds):
+        try:
+            refund_batch = refunds.send_refunds(minter, lock)
+        except LowFunds:
+            result.low_funds = True
+        else:
+            if refund_batch is not None:
+                result.sent.append(refund_batch)
     with minter.sessions() as session:
         result.in_flight = list(
             session.scalars(
@@ -221,7 +236,11 @@ def gas_per_item(session: Session) -> int:
         select(func.max(BatchMint.gas_used / BatchMint.size)).where(
             BatchMint.batch_id.in_(
                 select(BatchMint.batch_id)
-                .where(BatchMint.status == "confirmed", BatchMint.size > 0)
+                .where(
+                    BatchMint.status == "confirmed",
+                    BatchMint.kind == BatchKind.MINT,
+                    BatchMint.size > 0,
+                )
                 .order_by(BatchMint.confirmed_at.desc())
                 .limit(20)
             )
@@ -336,12 +355,14 @@ def batch_call(chain: Chain, items: Sequence[MintQueueItem]) -> Any:
         return chain.token.functions.batchMint(
             [to_checksum_address(i.recipient) for i in items],
             [HexBytes(i.payment_id) for i in items],
+            [i.quantity for i in items],
         )
     rows = []
     for item in items:
         row: tuple[Any, ...] = (
             to_checksum_address(item.recipient),
             HexBytes(item.payment_id),
+            item.quantity,
             ZERO_ADDRESS, 0, 0, 0, bytes(32), b"",
         )  # fmt: skip
         if needs_settlement(item):
@@ -349,8 +370,8 @@ def batch_call(chain: Chain, items: Sequence[MintQueueItem]) -> Any:
             auth = Authorization.from_json(item.payment_payload["authorization"])
             signature = normalize_signature(HexBytes(item.payment_payload["signature"]))
             row = (
-                row[0], row[1], auth.sender, auth.value, auth.valid_after, auth.valid_before,
-                auth.nonce, signature,
+                row[0], row[1], row[2], auth.sender, auth.value, auth.valid_after,
+                auth.valid_before, auth.nonce, signature,
             )  # fmt: skip
         rows.append(row)
     return chain.token.functions.batchSettleAndMint(chain.usdc.address, chain.settings.pay_to, rows)
@@ -407,6 +428,8 @@ class BatchOutcome:
     minted: set[str]
     skipped: set[str]
     settlement_failed: dict[str, bytes]
+    # Past the token's own cap (`maxMints`): neither minted nor settled.
+    sold_out: set[str] = field(default_factory=set)
 
 
 def _batch_outcome(chain: Chain, receipt: Any) -> BatchOutcome:
@@ -414,6 +437,7 @@ def _batch_outcome(chain: Chain, receipt: Any) -> BatchOutcome:
     minted_topic = _event_topic(chain, "Minted")
     skipped_topic = _event_topic(chain, "MintSkipped")
     failed_topic = _event_topic(chain, "SettlementFailed")
+    sold_out_topic = _event_topic(chain, "SoldOut")
     outcome = BatchOutcome(set(), set(), {})
     for entry in receipt["logs"]:
         if to_checksum_address(entry["address"]) != chain.token.address or not entry["topics"]:
@@ -427,6 +451,8 @@ def _batch_outcome(chain: Chain, receipt: Any) -> BatchOutcome:
         elif topic == failed_topic:
             (reason,) = abi_decode(["bytes"], bytes(entry["data"]))
             outcome.settlement_failed[payment_id] = bytes(reason)
+        elif topic == sold_out_topic:
+            outcome.sold_out.add(payment_id)
     return outcome
 
 
@@ -537,6 +563,12 @@ def _finish_confirmed(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Conf
                 log.info(
                     "authorization was settled by someone else; requeued as paid", extra=context
                 )
+            elif item.payment_id in outcome.sold_out:
+                # The token's cap is reached: an unsettled authorization was not charged, and
+                # money already paid is owed back (the database records what).
+                item.status = "refunded" if item.payment_tx_hash else "failed"
+                item.error = "sold out: the token's own cap (maxMints) is reached"
+                log.warning("sold out on chain", extra=context)
             elif item.payment_id in outcome.settlement_failed:
                 item.status = "failed"
                 item.error = (
@@ -548,6 +580,7 @@ def _finish_confirmed(minter: Minter, batch_id: uuid.UUID, receipt: Any) -> Conf
                 item.status = "failed"
                 item.error = "the batch transaction did not mint this item"
                 log.error("item missing from a confirmed batch", extra=context)
+        items += refunds.finish_confirmed(minter, session, batch_id, receipt)
         batch.status = "confirmed"
         batch.tx_hash = tx_hash
         _settle_transactions(session, batch_id, tx_hash)
@@ -572,6 +605,7 @@ def _complete(
     mint_amount: int,
     now: datetime,
 ) -> None:
+    """`mint_amount` is one mint's: the item bought `quantity` of them."""
     item.status = "completed"
     item.mint_tx_hash = tx_hash
     item.completed_at = now
@@ -584,7 +618,7 @@ def _complete(
             payer=item.payer,
             recipient=item.recipient,
             amount_paid=item.amount_paid,
-            mint_amount=mint_amount,
+            mint_amount=mint_amount * item.quantity,
             batch_id=batch_id,
             mint_tx_hash=tx_hash,
             block_number=block_number,
@@ -672,5 +706,10 @@ def _requeue(
             item.retry_count += 1
         item.error = reason
         item.batch_id = None
-        item.status = "failed" if item.retry_count > ops.max_retries else "pending"
-    return items
+        if item.retry_count <= ops.max_retries:
+            item.status = "pending"
+        else:
+            # Failed for good: money already paid (a transfer) is owed back.
+            item.status = "refunded" if item.payment_tx_hash else "failed"
+    # A refund batch that will not be mined: its refunds are owed again.
+    return items + refunds.release(session, batch_id)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sqlalchemy import Connection
 
 from db.models import QueueStatus
-from mintq import queue
+from mintq import queue, sale
 from mintq.errors import MintqError
 from mintq.payments import Payment, VerifiedPayment
 from mintq.queue import ItemRow
@@ -63,8 +63,47 @@ def submit(
         if existing is None:
             raise
         return Submission(existing, created=False)
-    item, created = queue.enqueue(connection, verified, callback_url)
+    item, created = _queue(connection, verified, callback_url)
     if not created and item.status == QueueStatus.FAILED and verified.payment_tx_hash:
         # Its item failed uncharged, yet the money has moved since: mint it after all.
         item = queue.requeue_paid(connection, item.queue_id, verified.payment_tx_hash) or item
     return Submission(item, created)
+
+
+def _queue(
+    connection: Connection, verified: VerifiedPayment, callback_url: str | None
+) -> tuple[ItemRow, bool]:
+    """Queue the payment for what the sale allows of it.
+
+    An authorization not yet settled is refused under the sale's rules before any money moves.
+    Money that has moved (a transfer, an authorization settled already) cannot be refused: it
+    buys as many mints as its amount pays for and the rules allow, fewer on each refusal, down
+    to none, and what it does not buy is owed back to the payer.
+    """
+    if not verified.moved:
+        return queue.enqueue(connection, verified, callback_url)
+    quantity = verified.quantity
+    reason = "The transfer is less than the price of a mint; it is refunded."
+    while quantity > 0:
+        try:
+            return queue.enqueue(connection, replace(verified, quantity=quantity), callback_url)
+        except sale.SaleRefusal as refusal:
+            quantity = _fewer(connection, quantity, refusal)
+            reason = f"{refusal.message} What it could not buy is refunded."
+    return queue.enqueue(
+        connection, replace(verified, quantity=0), callback_url, refund_reason=reason
+    )
+
+
+def _fewer(connection: Connection, quantity: int, refusal: sale.SaleRefusal) -> int:
+    """Fewer mints than `quantity`, as many as the refusal says might still be allowed."""
+    detail = next(iter(refusal.details.values()), None)
+    allowed = 0
+    if refusal.code == "quantity_too_large":
+        allowed = int(detail or 1)
+    elif refusal.code == "sold_out":
+        allowed = int(detail or 0)
+    elif refusal.code == "payer_limit_reached":
+        limit = sale.load_rules(connection).max_per_payer
+        allowed = 0 if limit is None else limit - int(detail or 0)
+    return max(0, min(quantity - 1, allowed))

@@ -57,17 +57,25 @@ def transfer_id(chain_id: int, usdc: str, tx_hash: str, log_index: int) -> str:
 
 @dataclass(frozen=True)
 class VerifiedPayment:
-    """A payment that was checked against the chain and may be queued for one mint."""
+    """A payment that was checked against the chain: it buys `quantity` mints at `price` each,
+    and whatever `amount` holds beyond that is owed back once its item is final."""
 
     payment_id: str
     payment_type: PaymentType
     payer: str
     recipient: str
     amount: int
+    price: int
+    quantity: int = 1
     payment_tx_hash: str | None = None
     payload: dict[str, Any] | None = field(default=None)
     # Unix time by which the payment must be settled on chain (EIP-3009 validBefore).
     settle_deadline: int | None = None
+
+    @property
+    def moved(self) -> bool:
+        """The money is ours already: refusing the payment now would strand it."""
+        return self.payment_tx_hash is not None
 
 
 class Payment(Protocol):
@@ -224,14 +232,9 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
             code="ambiguous_payment",
             details={"nonces": ["0x" + m.nonce.hex() for m in authorized if m.nonce]},
         )
+    # Less than the price buys nothing, more buys more: intake decides what the sale allows,
+    # and the rest is paid back.
     amount = sum(m.value for m in movements)
-    if amount < settings.price:
-        raise PaymentRejected(
-            "The transfer is less than the price of a mint.",
-            code="insufficient_payment",
-            status=402,
-            details={"paid": str(amount), "price": str(settings.price)},
-        )
     first = movements[0]
     payment_id = (
         authorization_id(chain.chain_id, usdc, payer, first.nonce)
@@ -244,6 +247,8 @@ def verify_custom(chain: Chain, tx_hash: str) -> VerifiedPayment:
         payer=payer,
         recipient=payer,
         amount=amount,
+        price=settings.price,
+        quantity=amount // settings.price,
         payment_tx_hash=tx_hash,
     )
 
@@ -320,6 +325,7 @@ def verify_authorization(
     signature: bytes,
     *,
     payment_type: PaymentType,
+    quantity: int = 1,
     payload: dict[str, Any] | None = None,
     now: float | None = None,
 ) -> VerifiedPayment:
@@ -339,12 +345,17 @@ def verify_authorization(
             code="wrong_recipient",
             details={"payTo": settings.pay_to, "to": authorization.to},
         )
-    if authorization.value != settings.price:
+    if authorization.value != quantity * settings.price:
         raise PaymentRejected(
-            "The authorized value must be exactly the price of a mint.",
+            "The authorized value must be exactly the price of the mints bought "
+            "(quantity times price).",
             code="wrong_amount",
             status=402,
-            details={"value": str(authorization.value), "price": str(settings.price)},
+            details={
+                "value": str(authorization.value),
+                "price": str(settings.price),
+                "quantity": quantity,
+            },
         )
     check_validity_window(settings, authorization, now)
     digest = authorization.digest(chain.usdc_domain_separator)
@@ -398,6 +409,8 @@ def verify_authorization(
         payer=authorization.sender,
         recipient=authorization.sender,
         amount=authorization.value,
+        price=settings.price,
+        quantity=quantity,
         payment_tx_hash=settled_by,
         payload={
             "authorization": authorization.as_json(),
@@ -538,6 +551,7 @@ class GaslessPayment:
     chain: Chain
     authorization: Authorization
     signature: bytes
+    quantity: int = 1
     settles: bool = False
 
     @property
@@ -553,7 +567,11 @@ class GaslessPayment:
 
     def verify(self) -> VerifiedPayment:
         return verify_authorization(
-            self.chain, self.authorization, self.signature, payment_type=PaymentType.GASLESS
+            self.chain,
+            self.authorization,
+            self.signature,
+            payment_type=PaymentType.GASLESS,
+            quantity=self.quantity,
         )
 
 

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from marshmallow import Schema, fields
@@ -26,10 +27,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.models import BatchMint, HotWallet, MintQueueItem, QueueStatus
-from mintq import positions
+from db.models import QUEUE_STATUSES, BatchMint, HotWallet, MintQueueItem, QueueStatus
+from mintq import positions, sale
 from mintq.errors import MintqError
 from mintq.operating import OperatingSettings
 from mintq.payments import VerifiedPayment
@@ -56,6 +58,11 @@ class ItemRow(NamedTuple):
     completed_at: datetime | None
     settle_deadline: datetime | None
     priority: int
+    quantity: int
+    price: Decimal
+    refund_amount: Decimal | None
+    refund_status: str | None
+    refund_tx_hash: str | None
 
 
 # An ORM item or a row of `mint_queue` (intake reads rows): what views and positions read.
@@ -83,14 +90,24 @@ def find(db: Session | Connection, payment_id: str) -> ItemRow | None:
 
 
 def enqueue(
-    db: Session | Connection, payment: VerifiedPayment, callback_url: str | None = None
+    db: Session | Connection,
+    payment: VerifiedPayment,
+    callback_url: str | None = None,
+    *,
+    refund_reason: str | None = None,
 ) -> tuple[ItemRow, bool]:
     """Queue a verified payment once: the item, and whether this call created it.
 
     Intake runs it on an autocommit connection, where the insert is durable when it returns
     and a new payment costs one statement. A repeat keeps the first request's `callback_url`.
+    The database reserves the item's quantity of the sale's supply in the same statement, or
+    refuses it (`sale.SaleRefusal`) under the sale's rules. A payment that buys nothing
+    (quantity 0) is recorded as `refunded`, with `refund_reason` as its error: the database
+    then owes its payer the whole amount.
     """
     values = {
+        "quantity": payment.quantity,
+        "price": payment.price,
         "payment_id": payment.payment_id,
         "payment_type": str(payment.payment_type),
         "payer": payment.payer,
@@ -104,8 +121,16 @@ def enqueue(
             else None
         ),
         "callback_url": callback_url,
+        "status": QueueStatus.PENDING if payment.quantity else QueueStatus.REFUNDED,
+        "error": None if payment.quantity else refund_reason,
     }
-    row = _one(db, _INSERT, values)
+    try:
+        row = _one(db, _INSERT, values)
+    except DBAPIError as exc:
+        refused = sale.refusal(exc)
+        if refused is None:
+            raise
+        raise refused from None
     if row is not None:
         return row, True
     row = find(db, payment.payment_id)
@@ -233,6 +258,11 @@ class QueueItemSchema(Schema):
     mint_tx_hash = fields.String(data_key="mintTxHash", allow_none=True)
     retry_count = fields.Integer(data_key="retryCount")
     priority = fields.Integer()
+    quantity = fields.Integer()
+    price = fields.String()
+    refund_amount = fields.String(data_key="refundAmount", allow_none=True)
+    refund_status = fields.String(data_key="refundStatus", allow_none=True)
+    refund_tx_hash = fields.String(data_key="refundTxHash", allow_none=True)
     error = fields.String(allow_none=True)
     created_at = fields.AwareDateTime(data_key="createdAt")
     updated_at = fields.AwareDateTime(data_key="updatedAt")
@@ -279,9 +309,12 @@ class QueueOverview:
 
 def queue_status(session: Session, recent: int = 10) -> QueueOverview:
     row = session.execute(
-        text("SELECT pending, processing, completed, failed, oldest_pending_at FROM queue_stats")
+        text(
+            "SELECT pending, processing, completed, failed, refunded, oldest_pending_at "
+            "FROM queue_stats"
+        )
     ).one()
-    oldest = row[4]
+    oldest = row[5]
     age = (datetime.now(UTC) - oldest).total_seconds() if oldest else None
     batches = list(
         session.scalars(select(BatchMint).order_by(BatchMint.created_at.desc()).limit(recent))
@@ -289,7 +322,7 @@ def queue_status(session: Session, recent: int = 10) -> QueueOverview:
     wallets = list(session.scalars(select(HotWallet).order_by(HotWallet.address)))
     return QueueOverview(
         wallets=wallets,
-        counts=dict(zip(("pending", "processing", "completed", "failed"), row[:4], strict=True)),
+        counts=dict(zip(QUEUE_STATUSES, row[:5], strict=True)),
         oldest_pending_age_seconds=age,
         recent_batches=batches,
     )

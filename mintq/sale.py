@@ -20,11 +20,15 @@ from sqlalchemy.orm import Session
 from db.models import MintQueueItem, QueueStatus, SaleSupply, SystemSetting
 from mintq.errors import MintqError
 
-# Setting keys, in the order they are shown.
+# The sale's rules, as `system_settings` keys.
 KEYS = ("max_supply", "max_per_payer", "max_quantity", "sale_starts_at", "sale_ends_at")
-_COUNTS = {"max_supply": 0, "max_per_payer": 1, "max_quantity": 1}
+# Every setting this module validates: the rules, and the smallest refund worth sending.
+SETTING_KEYS = (*KEYS, "refund_min_amount")
+_COUNTS = {"max_supply": 0, "max_per_payer": 1, "max_quantity": 1, "refund_min_amount": 0}
+# Settings that cannot be unset ('' is no limit only for the others).
+_REQUIRED = ("max_quantity", "refund_min_amount")
 _LARGEST = 10**18 - 1  # what the stored value's pattern allows (and a bigint holds)
-_LARGEST_QUANTITY = 999_999
+MAX_QUANTITY = 999_999  # the most mints one request may name
 
 
 @dataclass(frozen=True)
@@ -57,19 +61,19 @@ def normalize(key: str, raw: str) -> str:
     ISO 8601 time in UTC. Raises ValueError with a readable message."""
     text = raw.strip()
     if key in _COUNTS:
-        if text in ("", "null", "none") and key != "max_quantity":
+        if text.lower() in ("", "null", "none") and key not in _REQUIRED:
             return ""
         try:
             value = int(text)
         except ValueError:
             raise ValueError(f"{key} must be a whole number or null, got {raw!r}") from None
         low = _COUNTS[key]
-        high = _LARGEST_QUANTITY if key == "max_quantity" else _LARGEST
+        high = MAX_QUANTITY if key == "max_quantity" else _LARGEST
         if not low <= value <= high:
             raise ValueError(f"{key} must be between {low} and {high}, got {raw!r}")
         return str(value)
     if key in ("sale_starts_at", "sale_ends_at"):
-        if text in ("", "null", "none"):
+        if text.lower() in ("", "null", "none"):
             return ""
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -89,11 +93,8 @@ def check_window(values: dict[str, str]) -> None:
 
 
 def load_rules(db: Session | Connection) -> SaleRules:
-    rows = dict(
-        db.execute(
-            select(SystemSetting.key, SystemSetting.value).where(SystemSetting.key.in_(KEYS))
-        ).tuples()
-    )
+    query = select(SystemSetting.key, SystemSetting.value).where(SystemSetting.key.in_(KEYS))
+    rows = {key: value for key, value in db.execute(query)}
 
     def count(key: str) -> int | None:
         value = rows.get(key, "")
@@ -112,10 +113,9 @@ def load_rules(db: Session | Connection) -> SaleRules:
     )
 
 
-def load_state(db: Session | Connection, *, paused: bool) -> SaleState:
-    rules = load_rules(db)
-    reserved = int(db.scalar(select(SaleSupply.reserved)) or 0)
-    sold = int(
+def count_sold(db: Session | Connection) -> int:
+    """Mints completed: a scan of the completed items, so callers cache it."""
+    return int(
         db.scalar(
             select(func.coalesce(func.sum(MintQueueItem.quantity), 0)).where(
                 MintQueueItem.status == QueueStatus.COMPLETED
@@ -123,6 +123,12 @@ def load_state(db: Session | Connection, *, paused: bool) -> SaleState:
         )
         or 0
     )
+
+
+def load_state(db: Session | Connection, *, paused: bool, sold: int) -> SaleState:
+    """The rules and the supply as they are now (`sold` is only shown, so it may be older)."""
+    rules = load_rules(db)
+    reserved = int(db.scalar(select(SaleSupply.reserved)) or 0)
     now = datetime.now(UTC)
     if rules.ends_at is not None and now >= rules.ends_at:
         state = "ended"

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
+from mintq import sale
 from mintq.chain import Chain
 from mintq.operating import OperatingSettings, load_operating_settings
 from mintq.settings import Settings
@@ -28,6 +29,7 @@ class Services:
     sessions: sessionmaker[Session]
     chain: Chain
     _operating: tuple[float, OperatingSettings] | None = field(default=None, repr=False)
+    _sold: tuple[float, int] | None = field(default=None, repr=False)
 
     def operating(self, db: Session | Connection, max_age: float = 1.0) -> OperatingSettings:
         """Operating settings for answers (wait estimates), re-read at most once a second."""
@@ -35,6 +37,13 @@ class Services:
         if self._operating is None or now - self._operating[0] > max_age:
             self._operating = (now, load_operating_settings(db))
         return self._operating[1]
+
+    def sold(self, db: Session | Connection, max_age: float = 1.0) -> int:
+        """Mints completed, for `GET /config`: counted at most once a second."""
+        now = time.monotonic()
+        if self._sold is None or now - self._sold[0] > max_age:
+            self._sold = (now, sale.count_sold(db))
+        return self._sold[1]
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:

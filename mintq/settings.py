@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     # only, decrypted when a worker asks for the key.
     minter_keystore: str | None = None
     minter_keystore_password_file: str | None = None
+    # The wallet refunds are paid from: it holds USDC (payTo's own key will do) and signs
+    # EIP-3009 authorizations that the nonce owner's refund batches submit, so it needs no ETH.
+    # Only the worker needs it; without it, refunds owed wait.
+    refund_private_key: str | None = Field(default=None, repr=False)
     # `NETWORK=base`: the chain and USDC the node must be serving (checked at start).
     network: Annotated[Network | None, NoDecode, BeforeValidator(_network)] = None
     # Bearer token of the admin API (`/admin/...`); unset, the admin API answers 503.

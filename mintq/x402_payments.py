@@ -101,6 +101,8 @@ class X402Payment:
     payload: PaymentPayload
     authorization: Authorization
     signature: bytes
+    # Mints the request buys (`?quantity=`); its requirements ask for quantity times the price.
+    quantity: int = 1
 
 
 class X402Gateway:
@@ -109,21 +111,32 @@ class X402Gateway:
     def __init__(self, chain: Chain, facilitator_url: str | None = None) -> None:
         self.chain = chain
         self.facilitator_url = facilitator_url
+        self._requirements: dict[int, PaymentRequirements] = {}
 
-    @cached_property
+    @property
     def requirements(self) -> PaymentRequirements:
+        return self.requirements_for(1)
+
+    def requirements_for(self, quantity: int) -> PaymentRequirements:
+        """What paying for `quantity` mints takes: exactly quantity times the price."""
+        known = self._requirements.get(quantity)
+        if known is not None:
+            return known
         settings = self.chain.settings
         domain = self.chain.usdc_domain
-        return PaymentRequirements(
+        requirements = PaymentRequirements(
             scheme="exact",
             network=self.chain.network,
             asset=self.chain.usdc.address,
-            amount=str(settings.price),
+            amount=str(quantity * settings.price),
             pay_to=settings.pay_to,
             max_timeout_seconds=settings.x402_max_timeout_seconds,
             # Both always: the SDK client silently signs with version "1" without it.
             extra={"name": domain.name, "version": domain.version},
         )
+        if len(self._requirements) < 64:
+            self._requirements[quantity] = requirements
+        return requirements
 
     @cached_property
     def v1_network(self) -> str:
@@ -141,8 +154,8 @@ class X402Gateway:
         extension[BAZAAR.key]["info"]["input"]["method"] = "POST"
         return extension
 
-    def requirements_v1(self, resource_url: str) -> PaymentRequirementsV1:
-        req = self.requirements
+    def requirements_v1(self, resource_url: str, quantity: int = 1) -> PaymentRequirementsV1:
+        req = self.requirements_for(quantity)
         return PaymentRequirementsV1(
             scheme="exact",
             network=self.v1_network,
@@ -167,18 +180,18 @@ class X402Gateway:
         )
 
     def payment_required(
-        self, resource_url: str, error: str = "Payment required"
+        self, resource_url: str, error: str = "Payment required", quantity: int = 1
     ) -> tuple[dict[str, str], dict[str, Any]]:
         """The 402 answer: the v2 `PAYMENT-REQUIRED` header and a v1-compatible JSON body."""
         v2 = PaymentRequired(
             error=error,
-            accepts=[self.requirements],
+            accepts=[self.requirements_for(quantity)],
             resource=ResourceInfo(
                 url=resource_url, description=DESCRIPTION, mime_type=MIME_TYPE, service_name="mintq"
             ),
             extensions=self.bazaar,
         )
-        v1 = PaymentRequiredV1(error=error, accepts=[self.requirements_v1(resource_url)])
+        v1 = PaymentRequiredV1(error=error, accepts=[self.requirements_v1(resource_url, quantity)])
         versions = self.chain.settings.x402_versions
         # x402 clients read the v2 header when there is one, and the v1 body otherwise.
         headers = {PAYMENT_REQUIRED: encode_payment_required_header(v2)} if 2 in versions else {}
@@ -210,7 +223,7 @@ class X402Gateway:
             "resources": [resource_url],
         }
 
-    def decode(self, header: Callable[[str], str | None]) -> X402Payment | None:
+    def decode(self, header: Callable[[str], str | None], quantity: int = 1) -> X402Payment | None:
         """The payment in the request's x402 header (`header(name)` looks one up), or None."""
         v2_value = header(PAYMENT_SIGNATURE)
         value = v2_value or header(X_PAYMENT)
@@ -237,18 +250,18 @@ class X402Gateway:
                 )
             # Same EIP-3009 payload either way: verify it against our v2 requirements.
             payload = PaymentPayload(
-                x402_version=2, payload=decoded.payload, accepted=self.requirements
+                x402_version=2, payload=decoded.payload, accepted=self.requirements_for(quantity)
             )
         try:
             authorization = Authorization.from_json(payload.payload["authorization"])
             signature = bytes.fromhex(str(payload.payload["signature"]).removeprefix("0x"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _invalid_header("the payload has no valid EIP-3009 authorization") from exc
-        return X402Payment(version, payload, authorization, signature)
+        return X402Payment(version, payload, authorization, signature, quantity)
 
     def verify(self, payment: X402Payment, now: float | None = None) -> VerifiedPayment:
         """Our requirements, then the same verification as a gasless authorization."""
-        if payment.payload.accepted != self.requirements:
+        if payment.payload.accepted != self.requirements_for(payment.quantity):
             raise PaymentRejected(
                 "The payment accepts different requirements than this server offers.",
                 code="requirements_mismatch",
@@ -259,6 +272,7 @@ class X402Gateway:
             payment.authorization,
             payment.signature,
             payment_type=PaymentType.X402,
+            quantity=payment.quantity,
             payload={"x402Version": payment.version},
             now=now,
         )
@@ -307,7 +321,9 @@ class X402Gateway:
 
     def _call_facilitator(self, action: str, payment: X402Payment) -> Any:
         try:
-            return getattr(self.facilitator, action)(payment.payload, self.requirements)
+            return getattr(self.facilitator, action)(
+                payment.payload, self.requirements_for(payment.quantity)
+            )
         except (ValueError, OSError) as exc:  # the HTTP client raises ValueError for non-200s
             raise DependencyUnavailable("facilitator", f"facilitator {action}: {exc}") from exc
 

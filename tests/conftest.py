@@ -41,7 +41,9 @@ PRICE = 1_000_000
 MINT_AMOUNT = 100 * 10**18
 DEPLOYER_KEY = ANVIL_KEYS[0]
 MINTER_KEY = ANVIL_KEYS[1]
-PAY_TO = Account.from_key(ANVIL_KEYS[2]).address
+# payTo refunds from the USDC it received, as the dev stack does.
+REFUND_KEY = ANVIL_KEYS[2]
+PAY_TO = Account.from_key(REFUND_KEY).address
 TABLES = ("mint_history", "mint_queue", "wallet_transactions", "batch_mints", "hot_wallets")
 
 
@@ -93,6 +95,7 @@ def settings(database_url: str, redis_url: str, anvil: Anvil, deployment: Deploy
             "PAY_TO": PAY_TO,
             "PRICE": str(PRICE),
             "MINTER_PRIVATE_KEY": MINTER_KEY,
+            "REFUND_PRIVATE_KEY": REFUND_KEY,
             "CONFIRM_POLL_SECONDS": "0.3",
             "BEAT_TICK_SECONDS": "0.5",
         }
@@ -111,6 +114,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "PAY_TO": settings.pay_to,
         "PRICE": str(settings.price),
         "MINTER_PRIVATE_KEY": settings.require_minter_key(),
+        "REFUND_PRIVATE_KEY": settings.refund_private_key or "",
         "CONFIRM_POLL_SECONDS": str(settings.confirm_poll_seconds),
         "BEAT_TICK_SECONDS": str(settings.beat_tick_seconds),
         "STUCK_AFTER_SECONDS": str(settings.stuck_after_seconds),
@@ -132,9 +136,14 @@ def clean_db(settings: Settings) -> Iterator[None]:
                     "UPDATE system_settings SET value = CASE key "
                     "WHEN 'max_batch_size' THEN '50' WHEN 'batch_interval_seconds' THEN '10' "
                     "WHEN 'max_retries' THEN '3' WHEN 'max_in_flight' THEN '3' "
-                    "WHEN 'paused' THEN 'false' ELSE value END"
+                    "WHEN 'paused' THEN 'false' WHEN 'max_supply' THEN '' "
+                    "WHEN 'max_per_payer' THEN '' WHEN 'max_quantity' THEN '1' "
+                    "WHEN 'sale_starts_at' THEN '' WHEN 'sale_ends_at' THEN '' "
+                    "WHEN 'refund_min_amount' THEN '10000' ELSE value END"
                 )
             )
+            # TRUNCATE fires no row trigger: what the emptied queue held goes back by hand.
+            conn.execute(text("UPDATE sale_supply SET reserved = 0"))
         engine.dispose()
         Redis.from_url(settings.redis_url).flushdb()
 
@@ -323,6 +332,7 @@ def paid(**fields: Any) -> VerifiedPayment:
         "payer": payer,
         "recipient": payer,
         "amount": PRICE,
+        "price": PRICE,
     }
     return VerifiedPayment(**{**values, **fields})
 

@@ -159,7 +159,7 @@ def upgrade() -> None:
     op.create_check_constraint(
         op.f("ck_mint_queue_refund_status"),
         "mint_queue",
-        "refund_status IN ('pending', 'sent', 'confirmed', 'dust')",
+        "refund_status IN ('pending', 'sent', 'confirmed', 'dust', 'failed')",
     )
     op.create_check_constraint(
         op.f("ck_mint_queue_refund_amount"),
@@ -225,7 +225,8 @@ def upgrade() -> None:
         "ON mint_queue FOR EACH ROW EXECUTE FUNCTION mint_queue_refund_owed()"
     )
     op.execute(
-        "CREATE TRIGGER trg_mint_queue_sale AFTER INSERT OR UPDATE OF status ON mint_queue "
+        "CREATE TRIGGER trg_mint_queue_sale AFTER INSERT OR UPDATE OF status, quantity "
+        "ON mint_queue "
         "FOR EACH ROW EXECUTE FUNCTION mint_queue_sale()"
     )
     op.execute("DROP VIEW queue_stats")
