@@ -2,79 +2,41 @@
 
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from common.contracts import (
+    AUTHORIZATION_FIELDS,
+    BLACKLISTED_MESSAGE,
+    MINT_AMOUNT,
+    NO_CAP,
+    ZERO_ADDRESS,
+    Chain,
+    assert_custom_error,
+    deployed_chain,
+    fresh_ids,
+    fresh_recipients,
+    send,
+)
 from eth_abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.contract import Contract
-from web3.exceptions import ContractCustomError, ContractLogicError
+from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
-from web3.types import TxReceipt
 
-from deploy.devchain import ANVIL_KEYS, Deployment, deploy, load_artifact, start_anvil
-
-MINT_AMOUNT = 5 * 10**18
-ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
-
-
-@dataclass
-class Chain:
-    w3: Web3
-    deployment: Deployment
-    token: Contract
-    usdc: Contract
-    admin: LocalAccount
-    minter: LocalAccount
-    outsider: LocalAccount
+from deploy.devchain import ANVIL_KEYS
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    anvil = start_anvil(log_path=tmp_path_factory.mktemp("anvil") / "anvil.log")
-    try:
-        admin, minter, outsider = (Account.from_key(key) for key in ANVIL_KEYS[:3])
-        deployment = deploy(anvil.rpc_url, admin.key.to_0x_hex(), minter.address, MINT_AMOUNT)
-        w3 = Web3(Web3.HTTPProvider(anvil.rpc_url))
-        token = w3.eth.contract(
-            address=Web3.to_checksum_address(deployment.token),
-            abi=load_artifact("MintToken")["abi"],
-        )
-        usdc = w3.eth.contract(
-            address=Web3.to_checksum_address(deployment.usdc), abi=load_artifact("MockUSDC")["abi"]
-        )
-        yield Chain(w3, deployment, token, usdc, admin, minter, outsider)
-    finally:
-        anvil.stop()
+    with deployed_chain(tmp_path_factory.mktemp("anvil")) as deployed:
+        yield deployed
 
 
-def send(chain: Chain, sender: LocalAccount, call: Any, gas: int | None = None) -> TxReceipt:
-    params: dict[str, Any] = {"from": sender.address}
-    if gas is not None:
-        params["gas"] = gas
-    tx = call.build_transaction(params)
-    tx["nonce"] = chain.w3.eth.get_transaction_count(sender.address, "pending")
-    signed = sender.sign_transaction(tx)
-    tx_hash = chain.w3.eth.send_raw_transaction(signed.raw_transaction)
-    return chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
-
-
-def fresh_recipients(n: int) -> list[ChecksumAddress]:
-    return [Web3.to_checksum_address(secrets.token_bytes(20)) for _ in range(n)]
-
-
-def fresh_ids(n: int) -> list[bytes]:
-    return [secrets.token_bytes(32) for _ in range(n)]
-
-
-def assert_reverts_with(exc: ContractCustomError, signature: str) -> None:
-    assert isinstance(exc.data, str)
-    assert exc.data.startswith(Web3.keccak(text=signature)[:4].to_0x_hex())
+def ones(n: int) -> list[int]:
+    return [1] * n
 
 
 def test_anvil_keys_are_the_nodes_accounts(chain: Chain) -> None:
@@ -90,12 +52,14 @@ def test_deployment_roles_and_settings(chain: Chain) -> None:
     assert token.hasRole(token.MINTER_ROLE().call(), chain.minter.address).call()
     assert token.hasRole(token.DEFAULT_ADMIN_ROLE().call(), chain.admin.address).call()
     assert not token.hasRole(token.MINTER_ROLE().call(), chain.admin.address).call()
+    # No cap until the admin sets one.
+    assert (token.maxMints().call(), token.totalMints().call()) == (NO_CAP, 0)
 
 
 def test_batch_mint_mints_to_each_recipient(chain: Chain) -> None:
     recipients, ids = fresh_recipients(3), fresh_ids(3)
 
-    receipt = send(chain, chain.minter, chain.token.functions.batchMint(recipients, ids))
+    receipt = send(chain, chain.minter, chain.token.functions.batchMint(recipients, ids, ones(3)))
 
     assert receipt["status"] == 1
     for recipient, payment_id in zip(recipients, ids, strict=True):
@@ -111,14 +75,14 @@ def test_batch_mint_mints_to_each_recipient(chain: Chain) -> None:
 def test_already_minted_id_is_skipped_not_reverted(chain: Chain) -> None:
     first, again = fresh_recipients(2)
     (used_id,) = fresh_ids(1)
-    send(chain, chain.minter, chain.token.functions.batchMint([first], [used_id]))
+    send(chain, chain.minter, chain.token.functions.batchMint([first], [used_id], [1]))
     others, other_ids = fresh_recipients(2), fresh_ids(2)
 
     receipt = send(
         chain,
         chain.minter,
         chain.token.functions.batchMint(
-            [others[0], again, others[1]], [other_ids[0], used_id, other_ids[1]]
+            [others[0], again, others[1]], [other_ids[0], used_id, other_ids[1]], ones(3)
         ),
     )
 
@@ -135,7 +99,9 @@ def test_zero_recipient_is_skipped_and_its_id_stays_unminted(chain: Chain) -> No
     (recipient,), ids = fresh_recipients(1), fresh_ids(2)
 
     receipt = send(
-        chain, chain.minter, chain.token.functions.batchMint([ZERO_ADDRESS, recipient], ids)
+        chain,
+        chain.minter,
+        chain.token.functions.batchMint([ZERO_ADDRESS, recipient], ids, ones(2)),
     )
 
     assert receipt["status"] == 1
@@ -148,11 +114,11 @@ def test_zero_recipient_is_skipped_and_its_id_stays_unminted(chain: Chain) -> No
 
 def test_non_minter_is_reverted(chain: Chain) -> None:
     recipients, ids = fresh_recipients(1), fresh_ids(1)
-    call = chain.token.functions.batchMint(recipients, ids)
+    call = chain.token.functions.batchMint(recipients, ids, [1])
 
-    with pytest.raises(ContractCustomError) as exc_info:
-        call.call({"from": chain.outsider.address})
-    assert_reverts_with(exc_info.value, "AccessControlUnauthorizedAccount(address,bytes32)")
+    assert_custom_error(
+        call, chain.outsider.address, "AccessControlUnauthorizedAccount(address,bytes32)"
+    )
     # Mined anyway (gas given, so no estimate), the transaction reverts and mints nothing.
     receipt = send(chain, chain.outsider, call, gas=200_000)
     assert receipt["status"] == 0
@@ -160,26 +126,33 @@ def test_non_minter_is_reverted(chain: Chain) -> None:
     assert not chain.token.functions.minted(ids[0]).call()
 
 
+MISMATCH = "LengthMismatch(uint256,uint256,uint256)"
+
+
 @pytest.mark.parametrize(
-    ("n_recipients", "n_ids", "error"),
-    [(2, 1, "LengthMismatch(uint256,uint256)"), (0, 0, "EmptyBatch()")],
+    ("n_recipients", "n_ids", "n_quantities", "error"),
+    [
+        (2, 1, 2, MISMATCH),
+        (2, 2, 1, MISMATCH),
+        (1, 2, 2, MISMATCH),
+        (0, 0, 0, "EmptyBatch()"),
+    ],
 )
 def test_malformed_batch_is_reverted(
-    chain: Chain, n_recipients: int, n_ids: int, error: str
+    chain: Chain, n_recipients: int, n_ids: int, n_quantities: int, error: str
 ) -> None:
-    call = chain.token.functions.batchMint(fresh_recipients(n_recipients), fresh_ids(n_ids))
+    call = chain.token.functions.batchMint(
+        fresh_recipients(n_recipients), fresh_ids(n_ids), ones(n_quantities)
+    )
 
-    with pytest.raises(ContractCustomError) as exc_info:
-        call.call({"from": chain.minter.address})
-    assert_reverts_with(exc_info.value, error)
+    assert_custom_error(call, chain.minter.address, error)
 
 
 def test_batch_mint_gas(chain: Chain) -> None:
     per_mint = {}
     for n in (1, 10, 100):
-        receipt = send(
-            chain, chain.minter, chain.token.functions.batchMint(fresh_recipients(n), fresh_ids(n))
-        )
+        call = chain.token.functions.batchMint(fresh_recipients(n), fresh_ids(n), ones(n))
+        receipt = send(chain, chain.minter, call)
         assert receipt["status"] == 1
         per_mint[n] = receipt["gasUsed"] / n
         print(f"batchMint {n:>3}: {receipt['gasUsed']:>9,} gas, {per_mint[n]:,.0f} per mint")
@@ -256,20 +229,9 @@ def test_transfer_with_authorization(chain: Chain) -> None:
     assert chain.usdc.functions.balanceOf(pay_to).call() == value
     assert chain.usdc.functions.balanceOf(payer.address).call() == value
     assert chain.usdc.functions.authorizationState(payer.address, nonce).call()
-    with pytest.raises(ContractCustomError) as exc_info:
-        transfer.call({"from": chain.outsider.address})
-    assert_reverts_with(exc_info.value, "ERC3009UsedAuthorization(address,bytes32)")
-
-
-BLACKLISTED = "Blacklistable: account is blacklisted"
-AUTHORIZATION_FIELDS = [
-    {"name": "from", "type": "address"},
-    {"name": "to", "type": "address"},
-    {"name": "value", "type": "uint256"},
-    {"name": "validAfter", "type": "uint256"},
-    {"name": "validBefore", "type": "uint256"},
-    {"name": "nonce", "type": "bytes32"},
-]
+    assert_custom_error(
+        transfer, chain.outsider.address, "ERC3009UsedAuthorization(address,bytes32)"
+    )
 
 
 def authorized(
@@ -314,8 +276,8 @@ def assert_blacklisted_revert(chain: Chain, sender: LocalAccount, call: Any) -> 
     """The call reverts with FiatToken's Error(string), and mined anyway it changes nothing."""
     with pytest.raises(ContractLogicError) as exc_info:
         call.call({"from": sender.address})
-    assert exc_info.value.message == f"execution reverted: {BLACKLISTED}"
-    error = Web3.keccak(text="Error(string)")[:4] + encode(["string"], [BLACKLISTED])
+    assert exc_info.value.message == f"execution reverted: {BLACKLISTED_MESSAGE}"
+    error = Web3.keccak(text="Error(string)")[:4] + encode(["string"], [BLACKLISTED_MESSAGE])
     assert exc_info.value.data == "0x" + error.hex()
     assert send(chain, sender, call, gas=200_000)["status"] == 0
 
