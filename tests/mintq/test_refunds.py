@@ -139,28 +139,33 @@ def test_a_refund_signed_and_sent_twice_pays_once(
 def test_refunds_wait_while_the_refund_wallet_is_short_then_go(
     services: Services, minter: Minter, chainside: Chainside
 ) -> None:
-    rich = chainside.new_payer()
-    balance = chainside.usdc_balance(REFUND_WALLET)
-    refund_account = Account.from_key(REFUND_KEY)
-    chainside.w3.provider.make_request(
-        "anvil_setBalance",
-        [REFUND_WALLET, hex(10**20)],  # type: ignore[arg-type]
-    )
-    if balance:
-        send_and_wait(
-            chainside.w3, refund_account, chainside.usdc.functions.transfer(rich.address, balance)
-        )
     payer, queue_id = pay_custom(services, chainside, PRICE // 2)
-    # The wallet now holds exactly that payment: a second refund owed must wait for more.
     other, other_id = pay_custom(services, chainside, PRICE // 4)
-    run_until_settled(minter)
-    statuses = {item(minter, queue_id).refund_status, item(minter, other_id).refund_status}
-    assert statuses == {"confirmed", "pending"}
-    send_and_wait(chainside.w3, rich, chainside.usdc.functions.transfer(REFUND_WALLET, PRICE))
-    run_until_settled(minter)
-    assert item(minter, other_id).refund_status == "confirmed"
-    assert chainside.usdc_balance(other.address) == PRICE // 4
+    # The refund wallet (payTo) hands everything it holds but PRICE // 4 to someone else:
+    # the oldest refund owed (PRICE // 2) is more than it holds, so refunds wait.
+    refund_account = Account.from_key(REFUND_KEY)
+    keep = PRICE // 4
+    away = chainside.usdc_balance(REFUND_WALLET) - keep
+    elsewhere = chainside.new_payer()
+    send_and_wait(
+        chainside.w3, refund_account, chainside.usdc.functions.transfer(elsewhere.address, away)
+    )
+    assert run_until_settled(minter) == []
+    assert {item(minter, q).refund_status for q in (queue_id, other_id)} == {"pending"}
+
+    send_and_wait(chainside.w3, elsewhere, chainside.usdc.functions.transfer(REFUND_WALLET, away))
+    [_] = run_until_settled(minter)
+    assert {item(minter, q).refund_status for q in (queue_id, other_id)} == {"confirmed"}
     assert chainside.usdc_balance(payer.address) == PRICE // 2
+    assert chainside.usdc_balance(other.address) == PRICE // 4
+
+
+def gasless_item(services: Services, chainside: Chainside) -> tuple[Any, uuid.UUID]:
+    payer = chainside.new_payer(usdc=PRICE)
+    data = load_mint_request(chainside.sign_authorization(payer))
+    payment = GaslessPayment(services.chain, data["authorization"], data["signature"])
+    with services.autocommit() as connection:
+        return payer, intake.submit(connection, payment, NoLimit()).item.queue_id
 
 
 def test_past_the_tokens_own_cap_nothing_is_minted_or_charged_and_transfers_go_back(
@@ -171,24 +176,19 @@ def test_past_the_tokens_own_cap_nothing_is_minted_or_charged_and_transfers_go_b
     deployer = Account.from_key(DEPLOYER_KEY)
     send_and_wait(chainside.w3, deployer, token.functions.setMaxMints(minted + 1))
     try:
-        _, first = pay_custom(services, chainside, PRICE)
-        second_payer, second = pay_custom(services, chainside, PRICE)
-        gasless_payer = chainside.new_payer(usdc=PRICE)
-        body = chainside.sign_authorization(gasless_payer)
-        data = load_mint_request(body)
-        with services.autocommit() as connection:
-            gasless = intake.submit(
-                connection,
-                GaslessPayment(services.chain, data["authorization"], data["signature"]),
-                NoLimit(),
-            ).item
+        # Claimed in this order (authorizations by deadline first): one fits under the cap.
+        first_payer, first = gasless_item(services, chainside)
+        late_payer, late = gasless_item(services, chainside)
+        paid_payer, paid_item = pay_custom(services, chainside, PRICE)
         run_until_settled(minter)
         assert item(minter, first).status == "completed"
-        sold_out = item(minter, second)
+        assert chainside.usdc_balance(first_payer.address) == 0
+        assert (item(minter, late).status, item(minter, late).refund_status) == ("failed", None)
+        assert chainside.usdc_balance(late_payer.address) == PRICE  # never charged
+        sold_out = item(minter, paid_item)
         assert (sold_out.status, sold_out.refund_status) == ("refunded", "confirmed")
-        assert chainside.usdc_balance(second_payer.address) == PRICE
-        assert item(minter, gasless.queue_id).status == "failed"
-        assert chainside.usdc_balance(gasless_payer.address) == PRICE  # never charged
+        assert chainside.usdc_balance(paid_payer.address) == PRICE  # paid back
+        assert chainside.mint_balance(paid_payer.address) == 0
         assert int(token.functions.totalMints().call()) == minted + 1
     finally:
         send_and_wait(chainside.w3, deployer, token.functions.setMaxMints(2**256 - 1))
