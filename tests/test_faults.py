@@ -21,9 +21,10 @@ from redis import Redis
 from sqlalchemy import create_engine, text
 
 from app.schemas import load_mint_request
-from conftest import MINT_AMOUNT, PRICE, Chainside, free_port, paid, service_env
+from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, free_port, paid, service_env
 from db.session import make_engine, make_session_factory
 from deploy.devchain import Anvil
+from deploy.pay import send_and_wait
 from deploy.stack import Supervisor, beat_command, ensure_database, migrate, worker_command
 from mintq import queue
 from mintq.chain import Chain
@@ -349,3 +350,40 @@ def test_stalled_mining_gets_the_batch_replaced_at_the_same_nonce(
         # Every batch, replaced or not, used exactly one nonce of its own.
         [(batches,)] = system.sql("SELECT count(*) FROM batch_mints")
         assert nonces == batches
+
+
+def test_a_worker_killed_after_signing_a_refund_sends_it_once(
+    fresh: Settings, chainside: Chainside, tmp_path: Path
+) -> None:
+    """Overpaid transfers are minted for, and what they paid beyond the price goes back: the
+    worker dies with its first refund batch signed and written ahead, not yet broadcast."""
+    overpaid = [
+        paid(payment_tx_hash=f"0x{i + 1:064x}", amount=PRICE + PRICE // 2) for i in range(20)
+    ]
+    funder = chainside.new_payer()
+    send_and_wait(chainside.w3, funder, chainside.usdc.functions.mint(PAY_TO, 20 * PRICE))
+    with fault_system(fresh, chainside, tmp_path) as system:
+        engine = make_engine(system.settings.database_url)
+        with make_session_factory(engine)() as session:
+            for payment in overpaid:
+                queue.enqueue(session, payment)
+            session.commit()
+        engine.dispose()
+        system.start_beat()
+        system.start_worker(MINTQ_CRASH_AT="after_refund_write_ahead")
+        wait_for(system.worker_died, 90, "the worker to die after signing a refund batch")
+        system.supervisor.stop("worker")
+        assert system.sql("SELECT count(*) FROM batch_mints WHERE kind = 'refund'") == [(1,)]
+        system.start_worker()
+
+        def refunded() -> bool:
+            system.supervisor.restart_exited()
+            return system.sql(
+                "SELECT count(*) FROM mint_queue WHERE refund_status = 'confirmed'"
+            ) == [(len(overpaid),)]
+
+        wait_for(refunded, 120, "every refund to be confirmed")
+        for payment in overpaid:
+            assert chainside.usdc_balance(payment.payer) == PRICE // 2  # once, not twice
+            assert chainside.mint_balance(payment.recipient) == MINT_AMOUNT
+        assert system.sql("SELECT count(*) FROM mint_history") == [(len(overpaid),)]
