@@ -5,6 +5,7 @@ graceful shutdown, and the minter key never leaking."""
 from __future__ import annotations
 
 import math
+import random
 import re
 import shutil
 import signal
@@ -13,11 +14,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import create_engine, text
 from x402 import PaymentPayload, PaymentRequired
@@ -27,7 +30,16 @@ from x402.http import (
     encode_payment_signature_header,
 )
 
-from conftest import MINT_AMOUNT, PAY_TO, PRICE, Chainside, free_ports, service_env
+from conftest import (
+    DEPLOYER_KEY,
+    MINT_AMOUNT,
+    PAY_TO,
+    PRICE,
+    Chainside,
+    free_ports,
+    service_env,
+)
+from deploy.pay import send_and_wait
 from deploy.stack import (
     Supervisor,
     api_command,
@@ -354,3 +366,109 @@ def test_an_authorization_relayed_by_a_third_party_presented_every_way_at_once_m
     assert chainside.mint_balance(relayer) == 0  # whoever relays or presents, the payer mints
     assert chainside.usdc_balance(payer.address) == 2 * PRICE
     assert chainside.usdc_balance(PAY_TO) == pay_to_before + PRICE
+
+
+def test_a_sale_of_100_raced_by_300_mixed_payments_never_oversells_or_keeps_money(
+    cluster: Cluster, chainside: Chainside, settings: Settings
+) -> None:
+    """The sale issue's own trial: 100 mints, 3 per payer, opening shortly; payments before
+    the start are refused or refunded, then 300 mixed payments race through both replicas."""
+    token = chainside.token
+    minted_before = int(token.functions.totalMints().call())
+    deployer = Account.from_key(DEPLOYER_KEY)
+    send_and_wait(chainside.w3, deployer, token.functions.setMaxMints(minted_before + 100))
+    opens = datetime.now(UTC) + timedelta(seconds=15)
+    engine = create_engine(settings.database_url)
+    with engine.begin() as conn:
+        for key, value in (
+            ("max_supply", "100"),
+            ("max_per_payer", "3"),
+            ("max_quantity", "2"),
+            ("sale_starts_at", opens.isoformat()),
+        ):
+            conn.execute(
+                text("UPDATE system_settings SET value = :v WHERE key = :k"), {"k": key, "v": value}
+            )
+    try:
+        # Before the start: an authorization is refused, a transfer is owed back.
+        early = chainside.new_payer(usdc=2 * PRICE)
+        refused = requests.post(
+            f"{cluster.url}/mint", json=chainside.sign_authorization(early), timeout=30
+        )
+        assert (refused.status_code, refused.json()["error"]) == (409, "sale_not_started")
+        paid_early = requests.post(
+            f"{cluster.url}/mint",
+            json={"paymentType": "custom", "txHash": chainside.pay(early, PRICE)},
+            timeout=30,
+        ).json()
+        assert (paid_early["status"], paid_early["refundAmount"]) == ("refunded", str(PRICE))
+
+        # 100 payers, three payments each: gasless, x402 and a transfer of 1 to 2.5 mints.
+        payers = [chainside.new_payer() for _ in range(100)]
+        funded: dict[str, int] = {early.address: 2 * PRICE}
+        requests_to_send: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        offer_url = f"{cluster.url}/mint"
+        for i, payer in enumerate(payers):
+            transfer = (PRICE, 2 * PRICE, PRICE * 5 // 2, PRICE // 2)[i % 4]
+            quantity = 1 + i % 2
+            total = transfer + quantity * PRICE + PRICE
+            send_and_wait(chainside.w3, payer, chainside.usdc.functions.mint(payer.address, total))
+            funded[payer.address] = total
+            gasless = chainside.sign_authorization(payer, value=quantity * PRICE)
+            gasless["quantity"] = quantity
+            requests_to_send.append((offer_url, gasless, {}))
+            x402_body = chainside.sign_authorization(payer)
+            requests_to_send.append((offer_url, {}, x402_header(cluster.url, x402_body)))
+            tx_hash = chainside.pay(payer, transfer)
+            requests_to_send.append((offer_url, {"paymentType": "custom", "txHash": tx_hash}, {}))
+        random.Random(14).shuffle(requests_to_send)
+        while datetime.now(UTC) < opens:
+            time.sleep(0.2)
+
+        def send(request: tuple[str, dict[str, Any], dict[str, str]]) -> requests.Response:
+            url, body, headers = request
+            if body:
+                return requests.post(url, json=body, headers=headers, timeout=60)
+            return requests.post(url, headers=headers, timeout=60)
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            responses = list(pool.map(send, requests_to_send))
+        codes = {r.status_code for r in responses}
+        assert codes <= {202, 409}, [r.text for r in responses if r.status_code not in (202, 409)]
+        refusals = {r.json()["error"] for r in responses if r.status_code == 409}
+        assert refusals <= {"sold_out", "payer_limit_reached"}
+        queue_ids = [r.json()["queueId"] for r in responses if r.status_code == 202]
+
+        def settled() -> list[dict[str, Any]] | None:
+            items = [
+                requests.get(f"{cluster.url}/queue/item/{q}", timeout=10).json()
+                for q in [*queue_ids, paid_early["queueId"]]
+            ]
+            final = all(
+                i["status"] in ("completed", "failed", "refunded")
+                and i["refundStatus"] in (None, "confirmed")
+                for i in items
+            )
+            return items if final else None
+
+        deadline = time.monotonic() + 240
+        while (items := settled()) is None:
+            assert time.monotonic() < deadline, "items did not settle"
+            time.sleep(2)
+
+        sold = sum(i["quantity"] for i in items if i["status"] == "completed")
+        assert sold == 100
+        assert int(token.functions.totalMints().call()) == minted_before + 100
+        held: dict[str, int] = {}
+        for item in items:
+            if item["status"] == "completed":
+                held[item["payer"]] = held.get(item["payer"], 0) + item["quantity"]
+        assert max(held.values()) <= 3
+        # To the unit: every payer holds what it was given, less exactly what its mints cost.
+        for address, given in funded.items():
+            cost = held.get(address, 0) * PRICE
+            assert chainside.usdc_balance(address) == given - cost, address
+            assert chainside.mint_balance(address) == held.get(address, 0) * MINT_AMOUNT
+    finally:
+        send_and_wait(chainside.w3, deployer, token.functions.setMaxMints(2**256 - 1))
+        engine.dispose()
