@@ -239,7 +239,7 @@ def _event(item: dict[str, Any]) -> bytes:
 
 
 def _final(item: dict[str, Any]) -> bool:
-    return item["status"] in events.FINAL_STATUSES
+    return events.finished(item)
 
 
 def _error(exc: MintqError, headers: dict[str, str]) -> web.Response:

@@ -1,4 +1,4 @@
-"""Gas per mint: one item alone vs a mixed batch of 100, through the real worker path.
+"""Gas per mint and per refund: one alone vs a batch of 100, through the real worker path.
 
     .venv/bin/python -m bench.gas [--size 100]
 
@@ -36,6 +36,18 @@ def queue_payments(env: BenchEnv, custom: int, gasless: int) -> None:
         session.commit()
 
 
+def queue_refunds(env: BenchEnv, count: int) -> None:
+    """`count` transfers of half the price: each buys nothing and is owed back in full."""
+    minter = env.minter()
+    with minter.sessions() as session:
+        for _ in range(count):
+            payer = env.new_payer(PRICE // 2)
+            tx = pay_usdc(env.w3, env.deployment.usdc, payer, env.settings.pay_to, PRICE // 2)
+            payment = verify_custom(minter.chain, tx)
+            queue.enqueue(session, payment, refund_reason="under the price")
+        session.commit()
+
+
 def run_one_batch(env: BenchEnv) -> tuple[int, int]:
     minter = env.minter()
     with minter.sessions() as session, session.begin():
@@ -51,8 +63,13 @@ def run_one_batch(env: BenchEnv) -> tuple[int, int]:
         size, gas = session.execute(
             text("SELECT size, gas_used FROM batch_mints WHERE batch_id = :b"), {"b": batch_id}
         ).one()
-        done = session.scalar(text("SELECT count(*) FROM mint_queue WHERE status = 'completed'"))
-    assert done is not None
+        undone = session.scalar(
+            text(
+                "SELECT count(*) FROM mint_queue WHERE status = 'pending' "
+                "OR refund_status IN ('pending', 'sent')"
+            )
+        )
+    assert undone == 0
     return int(size), int(gas)
 
 
@@ -61,15 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=100)
     args = parser.parse_args(argv)
     rows = []
-    for label, custom, gasless in (
-        ("single custom mint", 1, 0),
-        ("single gasless settle+mint", 0, 1),
-        (f"batch of {args.size}, all custom", args.size, 0),
-        (f"batch of {args.size}, mixed half/half", args.size // 2, args.size - args.size // 2),
-        (f"batch of {args.size}, all gasless", 0, args.size),
+    for label, custom, gasless, refunds in (
+        ("single custom mint", 1, 0, 0),
+        ("single gasless settle+mint", 0, 1, 0),
+        (f"batch of {args.size}, all custom", args.size, 0, 0),
+        (f"batch of {args.size}, mixed half/half", args.size // 2, args.size - args.size // 2, 0),
+        (f"batch of {args.size}, all gasless", 0, args.size, 0),
+        ("single refund", 0, 0, 1),
+        (f"batch of {args.size} refunds", 0, 0, args.size),
     ):
         with bench_env("gas") as env:
             queue_payments(env, custom, gasless)
+            queue_refunds(env, refunds)
             size, gas = run_one_batch(env)
         rows.append((label, size, gas, gas / size))
     print(f"{'batch':40} {'items':>6} {'gas':>12} {'gas/item':>10}")

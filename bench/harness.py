@@ -98,6 +98,7 @@ def bench_env(
             "DATABASE_URL": database_url, "REDIS_URL": redis_url, "RPC_URL": anvil.rpc_url,
             "USDC_ADDRESS": deployment.usdc, "TOKEN_ADDRESS": deployment.token,
             "PAY_TO": PAY_TO, "PRICE": str(PRICE), "MINTER_PRIVATE_KEY": minter_key,
+            "REFUND_PRIVATE_KEY": ANVIL_KEYS[2],  # payTo's: refunds out of what it was paid
         })  # fmt: skip
         yield BenchEnv(anvil, deployment, settings, Web3(Web3.HTTPProvider(anvil.rpc_url)))
     finally:
@@ -122,9 +123,9 @@ def seed_queue(database_url: str, count: int, *, ahead: bool = False) -> None:
         conn.execute(
             text(
                 "INSERT INTO mint_queue (payment_id, payment_type, payer, recipient, amount_paid,"
-                " created_at, settle_deadline)"
+                " price, created_at, settle_deadline)"
                 " SELECT '0x' || md5(i::text || 'p') || md5(i::text || 'q'), 'custom', a, a,"
-                " 1000000, now() - interval '1 hour' + i * interval '1 ms',"
+                " 1000000, 1000000, now() - interval '1 hour' + i * interval '1 ms',"
                 " CASE WHEN :ahead THEN now() + interval '30 minutes' END"
                 " FROM (SELECT i, '0x' || substr(md5(i::text) || md5(i::text || 'r'), 1, 40) AS a"
                 " FROM generate_series(1, :n) AS i) AS numbered"

@@ -238,7 +238,7 @@ class MintQueueItem(Base):
         )
 
 
-WEBHOOK_EVENTS = ("completed", "failed")
+WEBHOOK_EVENTS = ("completed", "failed", "refunded")
 
 
 class WebhookDelivery(Base):

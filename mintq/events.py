@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from redis import Redis, RedisError
 
@@ -28,7 +29,15 @@ from mintq import positions
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = frozenset({"completed", "failed"})
+FINAL_STATUSES = frozenset({"completed", "failed", "refunded"})
+# Refund states after which nothing more happens to an item (None: nothing owed).
+SETTLED_REFUNDS = frozenset({None, "confirmed", "dust", "failed"})
+
+
+def finished(item: Mapping[str, Any]) -> bool:
+    """Whether an item's view (as `GET /queue/item` shows it) will change no more: a final
+    status, and no refund still on its way."""
+    return item["status"] in FINAL_STATUSES and item.get("refundStatus") in SETTLED_REFUNDS
 
 
 def channel(queue_id: uuid.UUID | str) -> str:

@@ -8,8 +8,8 @@ and connects to the very address it checked, so a DNS answer cannot aim the serv
 internal address between the check and the connection. Redirects are not followed.
 
 The body is the queue item as `GET /queue/item/<queueId>` answers it plus `event`
-(`completed` or `failed`), signed as `X-Mintq-Signature: t=<unix time>,v1=<hex>` where hex is
-HMAC-SHA256 with `WEBHOOK_SECRET` over `<unix time>.<body>`.
+(`completed`, `failed` or `refunded`), signed as `X-Mintq-Signature: t=<unix time>,v1=<hex>`
+where hex is HMAC-SHA256 with `WEBHOOK_SECRET` over `<unix time>.<body>`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ const PENDING_TRANSFERS = "mintq.pendingTransfers";
 const KEEP = 20;
 const QUEUE_REFRESH_MS = 5000;
 const STEPS = ["pending", "processing", "completed"];
+const REFUND_TEXT = {
+  pending: "on its way soon",
+  sent: "on its way",
+  confirmed: "sent back to you",
+  dust: "too small to send back",
+  failed: "could not be sent: the seller will look into it",
+};
 const NETWORK_NAMES = { 8453: "Base", 84532: "Base Sepolia", 31337: "Local dev chain" };
 const SALE_STATES = {
   upcoming: "Opens soon",
@@ -221,6 +228,14 @@ function fillCard(card, item) {
         row("Mint transaction", el("span", { dataset: { field: "mintTx" } }, hashView(item.mintTxHash, txLink(item.mintTxHash)))),
       item.status === "failed" &&
         row("Problem", el("span", { class: "problem-text" }, item.error || "The mint failed; you were not charged for it.")),
+      item.status === "refunded" &&
+        row("Problem", el("span", { class: "problem-text" }, item.error || "Your payment could not buy a mint; it is paid back.")),
+      item.refundAmount &&
+        row(
+          "Paid back",
+          el("span", { dataset: { field: "refund" } }, `${mintq.formatUnits(BigInt(item.refundAmount), 6)} USDC · ${REFUND_TEXT[item.refundStatus] || item.refundStatus}`),
+        ),
+      item.refundTxHash && row("Refund transaction", hashView(item.refundTxHash, txLink(item.refundTxHash))),
       row("Recipient", hashView(item.recipient, addressLink(item.recipient))),
       row("Queue id", hashView(item.queueId)),
       row("Paid", timeView(item.createdAt)),

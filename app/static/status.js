@@ -4,7 +4,7 @@ import { el, explorerFor, formatDuration, getJSON, hashView, timeView } from "/s
 
 const STATUS_REFRESH_MS = 3000;
 const POLL_MS = 2000;
-const FINAL = new Set(["completed", "failed"]);
+const FINAL = new Set(["completed", "failed", "refunded"]);
 const MAX_FOLLOWED = 20;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const ADDRESS = /^0x[0-9a-fA-F]{40}$/;

@@ -59,6 +59,27 @@ def custom(client: FlaskClient, chainside: Chainside, amount: int, payer: Any = 
     return client.post("/mint", json={"paymentType": "custom", "txHash": tx_hash})
 
 
+def all_at_once(services: Services, bodies: list[dict[str, Any]]) -> list[int]:
+    """POST every body at the same moment, each from its own thread: the status codes."""
+    clients = [create_app(services=services).test_client() for _ in bodies]
+    start = threading.Barrier(len(bodies), timeout=60)
+    codes: list[int] = []
+
+    def buy(client: FlaskClient, body: dict[str, Any]) -> None:
+        start.wait()
+        codes.append(client.post("/mint", json=body).status_code)
+
+    threads = [
+        threading.Thread(target=buy, args=pair) for pair in zip(clients, bodies, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(codes) == len(bodies), codes
+    return codes
+
+
 def reserved(services: Services) -> int:
     with services.sessions() as session:
         return int(session.scalar(select(SaleSupply.reserved)) or 0)
@@ -144,19 +165,7 @@ def test_concurrent_buyers_on_many_threads_never_oversell(
 ) -> None:
     configure(client, max_supply=5)
     bodies = [chainside.sign_authorization(chainside.new_payer(usdc=PRICE)) for _ in range(16)]
-    codes: list[int] = []
-    start = threading.Barrier(len(bodies))
-
-    def buy(body: dict[str, Any]) -> None:
-        app_client = create_app(services=services).test_client()
-        start.wait()
-        codes.append(app_client.post("/mint", json=body).status_code)
-
-    threads = [threading.Thread(target=buy, args=(b,)) for b in bodies]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    codes = all_at_once(services, bodies)
     assert sorted(codes) == [202] * 5 + [409] * 11
     assert row_count(settings) == 5
     assert reserved(services) == 5
@@ -189,19 +198,7 @@ def test_concurrent_payments_of_one_payer_count_one_after_another(
     configure(client, max_per_payer=3)
     payer = chainside.new_payer(usdc=8 * PRICE)
     bodies = [chainside.sign_authorization(payer) for _ in range(8)]
-    codes: list[int] = []
-    start = threading.Barrier(len(bodies))
-
-    def buy(body: dict[str, Any]) -> None:
-        app_client = create_app(services=services).test_client()
-        start.wait()
-        codes.append(app_client.post("/mint", json=body).status_code)
-
-    threads = [threading.Thread(target=buy, args=(b,)) for b in bodies]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    codes = all_at_once(services, bodies)
     assert sorted(codes) == [202] * 3 + [409] * 5
 
 

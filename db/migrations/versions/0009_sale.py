@@ -218,6 +218,12 @@ def upgrade() -> None:
             op.f(f"ck_system_settings_{key}"), "system_settings", f"key <> '{key}' OR {valid}"
         )
 
+    op.drop_constraint(op.f("ck_webhook_deliveries_event"), "webhook_deliveries", type_="check")
+    op.create_check_constraint(
+        op.f("ck_webhook_deliveries_event"),
+        "webhook_deliveries",
+        "event IN ('completed', 'failed', 'refunded')",
+    )
     op.execute(SALE_FUNCTION)
     op.execute(REFUND_FUNCTION)
     op.execute(
@@ -262,6 +268,12 @@ def downgrade() -> None:
                 AS batches_in_flight
         FROM mint_queue
         """
+    )
+    op.drop_constraint(op.f("ck_webhook_deliveries_event"), "webhook_deliveries", type_="check")
+    op.create_check_constraint(
+        op.f("ck_webhook_deliveries_event"),
+        "webhook_deliveries",
+        "event IN ('completed', 'failed')",
     )
     op.execute("DROP TRIGGER trg_mint_queue_refund_owed ON mint_queue")
     op.execute("DROP FUNCTION mint_queue_refund_owed()")
