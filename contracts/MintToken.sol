@@ -160,9 +160,14 @@ contract MintToken is ERC20, AccessControl, ReentrancyGuard {
             } else if (quantity > limit - total) {
                 emit SoldOut(paymentId, recipient, quantity);
             } else {
-                total += quantity;
+                uint256 minting;
+                // Cannot overflow: quantity fits under the limit, and the limit is at most
+                // _supplyMints, so total + quantity <= limit and quantity * amount <= max uint256.
+                unchecked {
+                    total += quantity;
+                    minting = quantity * amount;
+                }
                 minted[paymentId] = true;
-                uint256 minting = quantity * amount;
                 _mint(recipient, minting);
                 emit Minted(paymentId, recipient, minting);
             }
@@ -221,9 +226,13 @@ contract MintToken is ERC20, AccessControl, ReentrancyGuard {
                 // Checked before settling: a payer is never charged for what cannot be minted.
                 emit SoldOut(paymentId, recipient, quantity);
             } else if (from == address(0) || _settle(usdc, payTo, item)) {
-                total += quantity;
+                uint256 minting;
+                // Cannot overflow, as in {batchMint}.
+                unchecked {
+                    total += quantity;
+                    minting = quantity * amount;
+                }
                 minted[paymentId] = true;
-                uint256 minting = quantity * amount;
                 _mint(recipient, minting);
                 emit Minted(paymentId, recipient, minting);
             }
