@@ -32,9 +32,10 @@ interface IUSDC {
 contract MintToken is ERC20, AccessControl, ReentrancyGuard {
     bytes32 public constant MINTER_ROLE = keccak256("MINTER_ROLE");
 
-    /// @notice The most gas one settlement may use. It bounds what a single item (say, a payer whose
-    /// ERC-1271 wallet burns gas) can cost the batch. An EOA's settlement uses about 40k; the rest is
-    /// room for contract wallets, including ones that check passkeys (P-256) in software.
+    /// @notice The most gas one settlement or refund may use. It bounds what a single item (say, a
+    /// payer whose ERC-1271 wallet burns gas) can cost the batch. An EOA's settlement uses about
+    /// 40k; the rest is room for contract wallets, including ones that check passkeys (P-256) in
+    /// software.
     uint256 public constant SETTLEMENT_GAS = 500_000;
 
     uint256 public immutable mintAmount;

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from common.contracts import (
+    ACCEPT_ALL_WALLET,
     BLACKLISTED,
     INSUFFICIENT_BALANCE,
     INVALID_SIGNATURE,
@@ -25,6 +26,7 @@ from common.contracts import (
     fund,
     now,
     send,
+    set_code,
     sign_transfer,
     usdc_balance,
 )
@@ -298,6 +300,25 @@ def test_an_expired_refund_fails_and_a_re_signed_one_pays(chain: Chain) -> None:
     assert events(chain.token, "RefundFailed", receipt) == [(payment_id, wallet.address, reason)]
     assert events(chain.token, "Refunded", paid) == refunded_events([fresh])
     assert usdc_balance(chain, payer) == PRICE
+
+
+def test_a_contract_refund_wallet_pays_through_erc1271(chain: Chain) -> None:
+    """A refund wallet may be a contract wallet (a multisig, say) that approves by ERC-1271."""
+    wallet = refund_wallet(chain)
+    set_code(chain, wallet.address, ACCEPT_ALL_WALLET)
+    item = replace(
+        signed_refund(chain, wallet, fresh_ids(1)[0], fresh_recipients(1)[0]),
+        signature=b"approved by the wallet's owners" * 3,
+    )
+
+    receipt = refund(chain, [item])
+
+    assert events(chain.token, "Refunded", receipt) == refunded_events([item])
+    assert usdc_balance(chain, item.to) == PRICE
+    assert events(chain.token, "RefundFailed", refund(chain, [item])) == [
+        (item.payment_id, wallet.address, used(wallet.address, item.payment_id))
+    ]
+    assert usdc_balance(chain, item.to) == PRICE
 
 
 @pytest.mark.parametrize("sender", ["outsider", "admin"])

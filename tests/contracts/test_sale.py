@@ -27,6 +27,7 @@ from common.contracts import (
     room,
     selector,
     send,
+    set_code,
     set_max_mints,
     settle_and_mint,
     usdc_balance,
@@ -388,11 +389,7 @@ def test_a_usdc_that_calls_back_cannot_mint_inside_a_settlement(chain: Chain, ca
         [inner.recipient], [inner.payment_id], [1]
     )._encode_transaction_data()
     fake_usdc = Account.create().address
-    response = chain.w3.provider.make_request(
-        "anvil_setCode",
-        [fake_usdc, forwarder_code(chain.token.address, bytes.fromhex(mint_inside[2:]))],  # type: ignore[arg-type]
-    )
-    assert "error" not in response, response
+    set_code(chain, fake_usdc, forwarder_code(chain.token.address, bytes.fromhex(mint_inside[2:])))
     role = chain.token.functions.MINTER_ROLE().call()
     send(chain, chain.admin, chain.token.functions.grantRole(role, fake_usdc))
     payer, nonce = Account.create().address, fresh_ids(1)[0]
