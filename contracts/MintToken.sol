@@ -32,9 +32,10 @@ interface IUSDC {
 contract MintToken is ERC20, AccessControl, ReentrancyGuard {
     bytes32 public constant MINTER_ROLE = keccak256("MINTER_ROLE");
 
-    /// @notice The most gas one settlement may use. It bounds what a single item (say, a payer whose
-    /// ERC-1271 wallet burns gas) can cost the batch. An EOA's settlement uses about 40k; the rest is
-    /// room for contract wallets, including ones that check passkeys (P-256) in software.
+    /// @notice The most gas one settlement or refund may use. It bounds what a single item (say, a
+    /// payer whose ERC-1271 wallet burns gas) can cost the batch. An EOA's settlement uses about
+    /// 40k; the rest is room for contract wallets, including ones that check passkeys (P-256) in
+    /// software.
     uint256 public constant SETTLEMENT_GAS = 500_000;
 
     uint256 public immutable mintAmount;
@@ -160,9 +161,14 @@ contract MintToken is ERC20, AccessControl, ReentrancyGuard {
             } else if (quantity > limit - total) {
                 emit SoldOut(paymentId, recipient, quantity);
             } else {
-                total += quantity;
+                uint256 minting;
+                // Cannot overflow: quantity fits under the limit, and the limit is at most
+                // _supplyMints, so total + quantity <= limit and quantity * amount <= max uint256.
+                unchecked {
+                    total += quantity;
+                    minting = quantity * amount;
+                }
                 minted[paymentId] = true;
-                uint256 minting = quantity * amount;
                 _mint(recipient, minting);
                 emit Minted(paymentId, recipient, minting);
             }
@@ -221,9 +227,13 @@ contract MintToken is ERC20, AccessControl, ReentrancyGuard {
                 // Checked before settling: a payer is never charged for what cannot be minted.
                 emit SoldOut(paymentId, recipient, quantity);
             } else if (from == address(0) || _settle(usdc, payTo, item)) {
-                total += quantity;
+                uint256 minting;
+                // Cannot overflow, as in {batchMint}.
+                unchecked {
+                    total += quantity;
+                    minting = quantity * amount;
+                }
                 minted[paymentId] = true;
-                uint256 minting = quantity * amount;
                 _mint(recipient, minting);
                 emit Minted(paymentId, recipient, minting);
             }

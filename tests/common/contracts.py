@@ -40,6 +40,12 @@ AUTHORIZATION_FIELDS = [
     {"name": "nonce", "type": "bytes32"},
 ]
 
+# Runtime code for contract wallets, installed with `set_code`. ERC-1271 wallet that accepts
+# any signature: returns isValidSignature's magic value 0x1626ba7e to every call.
+ACCEPT_ALL_WALLET = "0x631626ba7e60e01b60005260206000f3"
+# A wallet whose every call loops until it runs out of gas.
+GAS_BURNING_WALLET = "0x5b600056"
+
 
 def selector(signature: str) -> bytes:
     return bytes(Web3.keccak(text=signature)[:4])
@@ -94,6 +100,11 @@ def send(chain: Chain, sender: LocalAccount, call: Any, gas: int | None = None) 
     signed = sender.sign_transaction(tx)
     tx_hash = chain.w3.eth.send_raw_transaction(signed.raw_transaction)
     return chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+
+
+def set_code(chain: Chain, address: str, code: str) -> None:
+    response = chain.w3.provider.make_request("anvil_setCode", [address, code])  # type: ignore[arg-type]
+    assert "error" not in response, response
 
 
 def fresh_recipients(n: int) -> list[ChecksumAddress]:

@@ -27,6 +27,7 @@ from common.contracts import (
     room,
     selector,
     send,
+    set_code,
     set_max_mints,
     settle_and_mint,
     usdc_balance,
@@ -360,3 +361,50 @@ def test_no_charge_without_a_mint_at_the_edge_of_the_cap(chain: Chain, capped: N
     assert usdc_balance(chain, payer.address) == 9 * PRICE
     assert usdc_balance(chain, pay_to) == PRICE
     assert total_mints(chain) == cap
+
+
+def forwarder_code(target: str, calldata: bytes) -> str:
+    """Runtime code that, called with anything, calls `target` with `calldata` and reverts with
+    its revert data if that call fails."""
+    size = len(calldata).to_bytes(2, "big")
+    head = (
+        b"\x61" + size + b"\x61" + (58).to_bytes(2, "big") + b"\x60\x00\x39"  # code -> memory
+        b"\x60\x00\x60\x00\x61" + size + b"\x60\x00\x60\x00"  # out, in, value
+        b"\x73" + bytes.fromhex(target.removeprefix("0x")) + b"\x5a\xf1"  # CALL(gas, target)
+        b"\x60\x38\x57"  # on success jump to 56
+        b"\x3d\x60\x00\x60\x00\x3e\x3d\x60\x00\xfd"  # revert with the call's revert data
+        b"\x5b\x00"  # 56: stop
+    )
+    assert len(head) == 58
+    return "0x" + (head + calldata).hex()
+
+
+def test_a_usdc_that_calls_back_cannot_mint_inside_a_settlement(chain: Chain, capped: None) -> None:
+    """The minter names the `usdc` to settle on. Were that a contract holding the minter role
+    that mints from inside its settlement, the batch's cap and dedupe (checked before the call,
+    recorded after) would be stale: the call back is refused instead."""
+    pay_to = fresh_recipients(1)[0]
+    inner = paid_item()
+    mint_inside = chain.token.functions.batchMint(
+        [inner.recipient], [inner.payment_id], [1]
+    )._encode_transaction_data()
+    fake_usdc = Account.create().address
+    set_code(chain, fake_usdc, forwarder_code(chain.token.address, bytes.fromhex(mint_inside[2:])))
+    role = chain.token.functions.MINTER_ROLE().call()
+    send(chain, chain.admin, chain.token.functions.grantRole(role, fake_usdc))
+    payer, nonce = Account.create().address, fresh_ids(1)[0]
+    payment_id = chain.token.functions.authorizationPaymentId(fake_usdc, payer, nonce).call()
+    outer = replace(paid_item(), payment_id=payment_id, sender=payer, nonce=nonce)
+    cap = cap_at(chain, 1)
+
+    call = chain.token.functions.batchSettleAndMint(fake_usdc, pay_to, [outer.as_abi()])
+    receipt = send(chain, chain.minter, call)
+
+    assert receipt["status"] == 1
+    assert events(chain.token, "SettlementFailed", receipt) == [
+        (payment_id, payer, selector("ReentrancyGuardReentrantCall()"))
+    ]
+    assert events(chain.token, "Minted", receipt) == []
+    assert not is_minted(chain, inner)
+    assert not is_minted(chain, outer)
+    assert total_mints(chain) == cap - 1

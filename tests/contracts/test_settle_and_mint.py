@@ -6,7 +6,9 @@ from dataclasses import replace
 
 import pytest
 from common.contracts import (
+    ACCEPT_ALL_WALLET,
     BLACKLISTED,
+    GAS_BURNING_WALLET,
     INSUFFICIENT_BALANCE,
     INVALID_SIGNATURE,
     INVALID_TIME,
@@ -30,6 +32,7 @@ from common.contracts import (
     now,
     paid_item,
     send,
+    set_code,
     settle_and_mint,
     usdc_balance,
 )
@@ -39,12 +42,6 @@ from eth_account import Account
 from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCError
 
 from mintq import eip3009
-
-# Runtime code for contract wallets, installed with anvil_setCode. ERC-1271 wallet that accepts
-# any signature: returns isValidSignature's magic value 0x1626ba7e to every call.
-ACCEPT_ALL_WALLET = "0x631626ba7e60e01b60005260206000f3"
-# A wallet whose every call loops until it runs out of gas.
-GAS_BURNING_WALLET = "0x5b600056"
 
 
 @pytest.fixture(scope="module")
@@ -244,11 +241,6 @@ def test_v_27_and_28_settle_and_v_0_or_1_is_rejected(chain: Chain) -> None:
     for item in normalised:
         assert not is_minted(chain, item)
         assert usdc_balance(chain, item.sender) == PRICE
-
-
-def set_code(chain: Chain, address: str, code: str) -> None:
-    response = chain.w3.provider.make_request("anvil_setCode", [address, code])
-    assert "error" not in response, response
 
 
 def test_contract_wallet_settles_through_erc1271_with_a_non_ecdsa_signature(chain: Chain) -> None:
