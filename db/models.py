@@ -222,6 +222,9 @@ class MintQueueItem(Base):
     refund_amount: Mapped[Decimal | None] = mapped_column(Uint256)
     refund_status: Mapped[str | None] = mapped_column(String(16))
     refund_tx_hash: Mapped[str | None] = mapped_column(String(66))
+    # The refund wallet that last signed this refund, and until when that signature is valid.
+    refund_wallet: Mapped[str | None] = mapped_column(String(42))
+    refund_valid_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     refund_batch_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("batch_mints.batch_id")
     )

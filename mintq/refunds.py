@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from coincurve import PrivateKey
@@ -34,7 +35,6 @@ from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
     describe_settlement_failure,
-    is_used_authorization,
     keccak256,
 )
 from mintq.payments import authorization_state_call
@@ -52,7 +52,7 @@ from mintq.wallet import (
 
 log = logging.getLogger(__name__)
 
-# The most refunds in one transaction (each is one USDC transfer, about 40k gas).
+# The most refunds in one transaction (about 64k gas each in a batch of 100).
 MAX_REFUNDS_PER_BATCH = 100
 # How long a signed refund stays valid; one that was not mined by then is signed again.
 VALID_SECONDS = 24 * 3600
@@ -134,6 +134,10 @@ def send_refunds(minter: Minter, lock: NonceLock) -> uuid.UUID | None:
         )
         if not items:
             return None
+        now = time.time()
+        items = [i for i in items if _may_sign(minter, i, wallet_address, now)]
+        if not items:
+            return None
         balance = _usdc_balance(chain, wallet_address)
         affordable = []
         for item in items:
@@ -148,8 +152,12 @@ def send_refunds(minter: Minter, lock: NonceLock) -> uuid.UUID | None:
                 extra={"wallet": wallet_address, "balance": balance},
             )
             return None
-        now = time.time()
         signed = [sign_refund(chain, key, item, now) for item in affordable]
+        for item, refund in zip(affordable, signed, strict=True):
+            item.refund_wallet = wallet_address
+            item.refund_valid_before = datetime.fromtimestamp(
+                refund.authorization.valid_before, UTC
+            )
         call = chain.token.functions.batchRefund(chain.usdc.address, [r.row() for r in signed])
         try:
             gas = chain.call(lambda: call.estimate_gas({"from": minter.account.address}))
@@ -199,6 +207,26 @@ def send_refunds(minter: Minter, lock: NonceLock) -> uuid.UUID | None:
     crash_point("after_refund_write_ahead")
     broadcast(minter, lock, tx.tx_hash)
     return batch_id
+
+
+def _may_sign(minter: Minter, item: MintQueueItem, wallet: str, now: float) -> bool:
+    """Whether `wallet` may sign `item`'s refund now.
+
+    The refund's nonce is the same whoever signs, but USDC keeps nonces per wallet: a refund
+    another wallet signed (before a key change) could still be executed while its signature is
+    valid. So a new wallet waits until it has expired, then pays only if the old one never did
+    (if it did, the refund is recorded as paid).
+    """
+    old = item.refund_wallet
+    if old is None or old == wallet:
+        return True
+    if item.refund_valid_before is not None and item.refund_valid_before.timestamp() > now:
+        return False
+    if refunded_before(minter.chain, old, item.payment_id):
+        item.refund_status = RefundStatus.CONFIRMED
+        log.info("refund paid by the previous refund wallet", extra={"queueId": str(item.queue_id)})
+        return False
+    return True
 
 
 def _topic(name: str) -> bytes:
@@ -268,17 +296,14 @@ def finish_confirmed(
     for item in items:
         context = {"queueId": str(item.queue_id), "batchId": str(batch_id)}
         reason = failed.get(item.payment_id)
+        signer = item.refund_wallet or wallet
         if item.payment_id in refunded:
             item.refund_status, item.refund_tx_hash = RefundStatus.CONFIRMED, tx_hash
-        elif (
-            reason is not None
-            and is_used_authorization(reason)
-            and wallet is not None
-            and refunded_before(chain, wallet, item.payment_id)
-        ):
-            # An earlier refund transaction of this payment (re-sent after a crash) paid it.
+        elif signer is not None and refunded_before(chain, signer, item.payment_id):
+            # Paid by another transaction: an earlier refund batch (re-sent after a crash), or
+            # anyone who submitted the signed authorization to USDC directly.
             item.refund_status = RefundStatus.CONFIRMED
-            log.info("refund was paid by an earlier transaction", extra=context)
+            log.info("refund was paid by another transaction", extra=context)
         elif reason is None or _transient(reason):
             # The refund wallet ran short since it was checked: the next batch tries again.
             item.refund_status, item.refund_batch_id = RefundStatus.PENDING, None

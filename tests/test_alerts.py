@@ -33,6 +33,7 @@ ALERTS = {
     "MintqOldestPendingTooOld",
     "MintqPendingButNoBatches",
     "MintqWebhookBacklog",
+    "MintqRefundsWaiting",
     "MintqAllApiReplicasUnready",
 }
 METRIC = re.compile(r"\b(mintq_[a-z0-9_]+|up)\b")

@@ -444,6 +444,12 @@ def test_settings_are_read_with_descriptions(client: FlaskClient) -> None:
         "max_retries",
         "max_in_flight",
         "paused",
+        "max_supply",
+        "max_per_payer",
+        "max_quantity",
+        "sale_starts_at",
+        "sale_ends_at",
+        "refund_min_amount",
     }
     assert body["max_batch_size"]["value"] == "50"
     assert body["max_batch_size"]["description"]

@@ -50,6 +50,17 @@ def test_config_describes_how_to_pay(client: FlaskClient, settings: Settings) ->
         "payTo": PAY_TO,
         "price": str(PRICE),
         "mintAmount": str(MINT_AMOUNT),
+        "sale": {
+            "maxSupply": None,
+            "sold": 0,
+            "reserved": 0,
+            "remaining": None,
+            "maxPerPayer": None,
+            "maxQuantity": 1,
+            "startsAt": None,
+            "endsAt": None,
+            "state": "open",
+        },
     }
 
 
@@ -136,15 +147,23 @@ def test_bad_requests_get_a_json_error_and_leave_no_row(
     assert row_count(settings) == 0
 
 
-def test_unpaid_and_underpaid_transfers_leave_no_row(
+def test_an_underpaid_transfer_buys_nothing_and_is_owed_back(
     client: FlaskClient, chainside: Chainside, settings: Settings
 ) -> None:
     payer = chainside.new_payer(usdc=PRICE)
     response = client.post(
         "/mint", json={"paymentType": "custom", "txHash": chainside.pay(payer, PRICE // 2)}
     )
-    assert_error(response, 402, "insufficient_payment")
-    assert row_count(settings) == 0
+    assert response.status_code == 202
+    item = response.get_json()
+    assert (item["status"], item["quantity"], item["refundAmount"], item["refundStatus"]) == (
+        "refunded",
+        0,
+        str(PRICE // 2),
+        "pending",
+    )
+    assert item["queuePosition"] is None
+    assert row_count(settings) == 1
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ def test_a_confirmed_batch_shows_in_queue_depth_histograms_and_wallet(
     metrics = scrape(app)
 
     counts = {s.labels["status"]: s.value for s in metrics["mintq_queue_items"]}
-    assert counts == {"pending": 2, "processing": 0, "completed": 3, "failed": 0}
+    assert counts == {"pending": 2, "processing": 0, "completed": 3, "failed": 0, "refunded": 0}
     assert value(metrics, "mintq_queue_oldest_pending_age_seconds") >= 0
     assert value(metrics, "mintq_batches_in_flight") == 0
 

@@ -222,7 +222,10 @@ def settle_all(settings: Settings) -> None:
     for _ in range(4):
         with engine.connect() as conn:
             waiting = conn.scalar(
-                text("SELECT count(*) FROM mint_queue WHERE status IN ('pending', 'processing')")
+                text(
+                    "SELECT count(*) FROM mint_queue WHERE status IN ('pending', 'processing') "
+                    "OR refund_status IN ('pending', 'sent')"
+                )
             )
         if not waiting:
             break
@@ -346,14 +349,21 @@ def test_a_nonce_that_paid_less_on_chain_does_not_pay_for_a_mint(
 
     for how in AUTHORIZATION_ITSELF:
         assert answer(full.present(how)) == (409, "authorization_used"), how
-    for tx_hash in (relayed, upper(relayed)):
-        assert answer(api.deferred.post("/mint", **custom(tx_hash))) == (
-            402,
-            "insufficient_payment",
-        )
+    # Presented as a transfer, the 0.01 USDC that moved buys nothing and is paid back.
+    first = api.deferred.post("/mint", **custom(relayed))
+    assert first.status_code == 202
+    item = first.get_json()
+    assert (item["status"], item["quantity"], item["refundAmount"]) == (
+        "refunded",
+        0,
+        str(PRICE // 100),
+    )
+    again = api.deferred.post("/mint", **custom(upper(relayed)))
+    assert (again.status_code, again.get_json()["queueId"]) == (200, item["queueId"])
     settle_all(api.settings)
-    assert_nothing_happened(onchain, small.payer.address, before, api.settings)
-    assert onchain.usdc_balance(small.payer.address) == before.payer_usdc - PRICE // 100
+    after = Balances.of(onchain, small.payer.address)
+    assert (after.payer_mint, after.supply) == (before.payer_mint, before.supply)
+    assert onchain.usdc_balance(small.payer.address) == before.payer_usdc  # all of it back
 
 
 def test_a_twin_authorization_already_paid_is_the_same_payment(

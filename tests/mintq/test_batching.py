@@ -144,7 +144,7 @@ def test_a_payment_id_minted_before_is_completed_once_with_the_earlier_tx(
     [payment] = queue_payments(minter, 1)
     # The same payment id reached the chain earlier (say, before a crash lost the record).
     earlier = chainside.token.functions.batchMint(
-        [payment.recipient], [bytes.fromhex(payment.payment_id[2:])]
+        [payment.recipient], [bytes.fromhex(payment.payment_id[2:])], [1]
     )
     from deploy.pay import send_and_wait
 

@@ -51,11 +51,13 @@ def test_paying_more_than_the_price_is_accepted_and_recorded(
     assert verify_custom(chain, chainside.pay(payer, 3 * PRICE)).amount == 3 * PRICE
 
 
-def test_too_little_money_is_402(chain: Chain, chainside: Chainside) -> None:
-    payer = chainside.new_payer(usdc=PRICE)
-    error = rejected(chain, chainside.pay(payer, PRICE - 1))
-    assert (error.status, error.code) == (402, "insufficient_payment")
-    assert error.details == {"paid": str(PRICE - 1), "price": str(PRICE)}
+def test_a_transfer_buys_as_many_mints_as_it_pays_for(chain: Chain, chainside: Chainside) -> None:
+    """Verification only reads what moved: intake decides what the sale lets it buy, and the
+    rest is owed back (tests/app/test_sale_intake.py)."""
+    payer = chainside.new_payer(usdc=4 * PRICE)
+    for amount, quantity in ((PRICE - 1, 0), (PRICE, 1), (2 * PRICE + PRICE // 2, 2)):
+        verified = verify_custom(chain, chainside.pay(payer, amount))
+        assert (verified.amount, verified.price, verified.quantity) == (amount, PRICE, quantity)
 
 
 def test_a_transfer_to_someone_else_is_refused(chain: Chain, chainside: Chainside) -> None:
@@ -152,7 +154,7 @@ def test_one_transaction_paying_from_two_accounts_is_ambiguous(
         auth = Authorization.from_json(body["authorization"])
         items.append((
             payer.address, payment_id(chain.chain_id, chain.usdc.address, auth.sender, auth.nonce),
-            auth.sender, auth.value,
+            1, auth.sender, auth.value,
             auth.valid_after, auth.valid_before, auth.nonce, bytes.fromhex(body["signature"][2:]),
         ))  # fmt: skip
     tx_hash = send_and_wait(

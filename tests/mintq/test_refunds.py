@@ -3,7 +3,9 @@ or sent back, once, whatever is re-sent."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from web3 import Web3
 from app.schemas import load_mint_request
 from conftest import DEPLOYER_KEY, MINT_AMOUNT, PRICE, REFUND_KEY, Chainside
 from db.models import BatchMint, MintQueueItem
+from deploy.devchain import ANVIL_KEYS
 from deploy.pay import send_and_wait
 from mintq import batching, intake, refunds
 from mintq.batching import Minter
@@ -228,3 +231,54 @@ def test_a_gasless_payment_for_several_mints_mints_them_all(
             {"q": queued.queue_id},
         ).one()
     assert int(history) == quantity * MINT_AMOUNT
+
+
+def test_a_new_refund_wallet_never_pays_what_the_old_one_signed(
+    services: Services, minter: Minter, chainside: Chainside
+) -> None:
+    old_key = ANVIL_KEYS[6]
+    old_wallet = Account.from_key(old_key)
+    payer, queue_id = pay_custom(services, chainside, PRICE // 2)
+    with minter.sessions() as session, session.begin():
+        owed = session.get(MintQueueItem, queue_id)
+        assert owed is not None
+        # The old wallet signed this refund (then the key was changed), valid for a while.
+        old = refunds.sign_refund(minter.chain, old_key, owed, time.time())
+        owed.refund_wallet = old_wallet.address
+        owed.refund_valid_before = datetime.fromtimestamp(old.authorization.valid_before, UTC)
+    assert batching.process_queue(minter).sent == []  # the new wallet waits
+    # Someone submits the old signature anyway: the payer is paid by the old wallet.
+    send_and_wait(
+        chainside.w3, old_wallet, chainside.usdc.functions.mint(old_wallet.address, PRICE)
+    )
+    auth = old.authorization
+    send_and_wait(
+        chainside.w3,
+        chainside.new_payer(),
+        chainside.usdc.functions.transferWithAuthorization(
+            auth.sender, auth.to, auth.value, auth.valid_after, auth.valid_before, auth.nonce,
+            old.signature,
+        ),
+    )  # fmt: skip
+    with minter.sessions() as session, session.begin():
+        expired = session.get(MintQueueItem, queue_id)
+        assert expired is not None
+        expired.refund_valid_before = datetime.now(UTC) - timedelta(seconds=1)
+    assert batching.process_queue(minter).sent == []  # found paid: nothing is signed again
+    assert item(minter, queue_id).refund_status == "confirmed"
+    assert chainside.usdc_balance(payer.address) == PRICE // 2  # once
+
+
+def test_after_the_old_signature_expires_unused_the_new_wallet_pays(
+    services: Services, minter: Minter, chainside: Chainside
+) -> None:
+    payer, queue_id = pay_custom(services, chainside, PRICE // 2)
+    with minter.sessions() as session, session.begin():
+        owed = session.get(MintQueueItem, queue_id)
+        assert owed is not None
+        owed.refund_wallet = Account.from_key(ANVIL_KEYS[7]).address
+        owed.refund_valid_before = datetime.now(UTC) - timedelta(seconds=1)
+    run_until_settled(minter)
+    done = item(minter, queue_id)
+    assert (done.refund_status, done.refund_wallet) == ("confirmed", REFUND_WALLET)
+    assert chainside.usdc_balance(payer.address) == PRICE // 2

@@ -148,6 +148,10 @@ def upgrade() -> None:
     op.add_column("mint_queue", sa.Column("refund_amount", sa.Numeric(78, 0)))
     op.add_column("mint_queue", sa.Column("refund_status", sa.String(16)))
     op.add_column("mint_queue", sa.Column("refund_tx_hash", sa.String(66)))
+    # Who last signed the refund, valid until when: a new refund wallet must not sign it
+    # while the old wallet's signature may still be executed (each wallet has its own nonces).
+    op.add_column("mint_queue", sa.Column("refund_wallet", sa.String(42)))
+    op.add_column("mint_queue", sa.Column("refund_valid_before", sa.DateTime(timezone=True)))
     op.add_column(
         "mint_queue",
         sa.Column(
@@ -297,6 +301,8 @@ def downgrade() -> None:
     for name in ("refund_amount", "refund_status", "quantity"):
         op.drop_constraint(op.f(f"ck_mint_queue_{name}"), "mint_queue", type_="check")
     for name in (
+        "refund_valid_before",
+        "refund_wallet",
         "refund_batch_id",
         "refund_tx_hash",
         "refund_status",
