@@ -208,6 +208,8 @@ def test_a_buyer_presses_mint_and_watches_it_complete(
             browser, lambda: text_of(browser, f"{selector} [data-field=status]") == "completed"
         )
         browser.save_screenshot(str(SCREENSHOTS / "mint_page_phone.png"))
+        browser.execute_script("document.querySelector(arguments[0]).scrollIntoView()", selector)
+        browser.save_screenshot(str(SCREENSHOTS / "mint_page_phone_mint.png"))
         width = browser.execute_script("return document.documentElement.scrollWidth")
         assert width <= 390, "the page scrolls sideways on a phone"
 

@@ -10,7 +10,16 @@ const PENDING_TRANSFERS = "mintq.pendingTransfers";
 const KEEP = 20;
 const QUEUE_REFRESH_MS = 5000;
 const STEPS = ["pending", "processing", "completed"];
-const NETWORK_NAMES = { 8453: "Base", 84532: "Base Sepolia", 31337: "Local dev chain" };
+const NETWORK_NAMES = {
+  1: "Ethereum",
+  10: "Optimism",
+  137: "Polygon",
+  8453: "Base",
+  42161: "Arbitrum One",
+  84532: "Base Sepolia",
+  11155111: "Sepolia",
+  31337: "Local dev chain",
+};
 const SALE_STATES = {
   upcoming: "Opens soon",
   open: "On sale",
