@@ -162,11 +162,9 @@ def _read_items(svc: Services, queue_ids: list[uuid.UUID]) -> dict[uuid.UUID, di
     """The items as `GET /queue/item` answers them, from one short session (a stream must
     not hold a pooled connection while it waits)."""
     with svc.sessions() as session:
-        ops = svc.operating(session)
-        return {
-            item.queue_id: queue.item_view(session, item, ops, svc.redis)
-            for item in queue.get_items(session, queue_ids)
-        }
+        items = queue.get_items(session, queue_ids)
+        views = queue.item_views(session, items, svc.operating(session), svc.redis)
+        return {item.queue_id: view for item, view in zip(items, views, strict=True)}
 
 
 class Reader:
