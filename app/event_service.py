@@ -66,6 +66,8 @@ READ_BATCH = 500
 READ_WINDOW_SECONDS = 0.01
 # File descriptors kept for everything but streams: Postgres, Redis, logs, the listener.
 RESERVED_DESCRIPTORS = 64
+# How the subscription shows in Redis's CLIENT LIST.
+CLIENT_NAME = "mintq-events"
 _PATTERN = events.channel("*")
 _PREFIX = events.channel("")
 
@@ -124,7 +126,10 @@ class Changes:
     async def _run(self) -> None:
         while True:
             redis = AsyncRedis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_keepalive=True
+                self.redis_url,
+                socket_connect_timeout=2,
+                socket_keepalive=True,
+                client_name=CLIENT_NAME,
             )
             pubsub = redis.pubsub()
             try:
