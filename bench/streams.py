@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -40,7 +41,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from redis import Redis
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from bench.harness import BenchEnv, bench_env, build_positions, seed_queue
 from bench.intake import percentile, prepare_bodies
@@ -143,6 +144,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (gunicorn's workers)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            pids += process_tree(int(child))
+    return pids
+
+
+class SystemCpu:
+    """CPU seconds the system under test has used: the API (every gunicorn process), the event
+    service, the streams' client, anvil and this database's PostgreSQL backends. Not Redis,
+    whose server this machine's other users share, nor the load generator (bench.loadgen
+    counts its own). Other work on the machine does not count, as it does in a rate."""
+
+    def __init__(self, env: BenchEnv, pids: list[int]) -> None:
+        self.env, self.pids = env, pids
+        self.engine = make_engine(env.settings.database_url)
+
+    def _backends(self) -> list[int]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.scalars(
+                    text(
+                        "SELECT pid FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            )
+
+    def sample(self) -> dict[int, float]:
+        pids = [p for pid in self.pids for p in process_tree(pid)] + self._backends()
+        seconds = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):  # a backend or worker that just went away
+                seconds[pid] = cpu_seconds(pid)
+        return seconds
+
+    @staticmethod
+    def since(before: dict[int, float], after: dict[int, float]) -> float:
+        """CPU used between two samples; a process new since `before` counts from its start."""
+        return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 class Mover:
     """Moves items as the batch worker does: commit the new status, then announce it."""
 
@@ -184,6 +229,20 @@ class Mover:
 
 
 @dataclass
+class Pass:
+    load: LoadResult
+    cpu: float  # the system under test's, SystemCpu
+
+    @property
+    def rate(self) -> float:
+        return len(self.load.latencies) / self.load.elapsed
+
+    @property
+    def cpu_per_request(self) -> float:
+        return self.cpu / len(self.load.latencies)
+
+
+@dataclass
 class Latencies:
     values: list[float]  # sorted seconds; a change never received counts as infinite
 
@@ -218,7 +277,7 @@ class Crowd:
         self.batches = [queue_ids[i : i + batch] for i in range(0, len(queue_ids), batch)]
         self.memory_per_stream = 0.0
 
-    def watch(self, intake: Callable[[], LoadResult]) -> tuple[LoadResult, float]:
+    def watch(self, intake: Callable[[], Pass]) -> tuple[Pass, float]:
         """Open every stream, run `intake` while the items go `processing`, then complete them
         at the same pace and see every stream end. Returns intake's result and the slowest
         change's delay."""
@@ -238,7 +297,8 @@ class Crowd:
             args=(self.batches, "processing", self.spread, processing_at),
         )
         mover.start()
-        load = intake()
+        measured = intake()
+        load = measured.load
         mover.join()
         cpu_during = cpu_seconds(self.service_pid) - cpu_open
         client_during = cpu_seconds(self.client_pid) - client_before
@@ -261,7 +321,7 @@ class Crowd:
             flush=True,
         )
         self.mover.reset(self.queue_ids)
-        return load, max(processing.values[-1], completed.values[-1])
+        return measured, max(processing.values[-1], completed.values[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
         api_port, events_port = 18100, 18101
         process_env = {**env.env(), "EVENTS_PORT": str(events_port)}
-        supervisor.start(
+        api = supervisor.start(
             "api", api_command(api_port, workers=args.workers, threads=args.threads), process_env
         )
         service = supervisor.start("events", events_command(events_port), process_env)
@@ -323,35 +383,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             assert client.pid is not None
             crowd = Crowd(here, client.pid, service.pid, queue_ids, args.batch, mover, spread)
-            ratios, worst, memory = [], 0.0, []
+            system = SystemCpu(env, [api.pid, service.pid, client.pid, env.anvil.process.pid])
+
+            def measured(chunk: list[bytes]) -> Pass:
+                before = system.sample()
+                load = run_load(api_port, chunk, args.concurrency)
+                return Pass(load, SystemCpu.since(before, system.sample()))
+
+            ratios, cpu_ratios, worst, memory = [], [], 0.0, []
             for round_number in range(1, args.rounds + 1):
-                rates: dict[bool, float] = {}
+                passes: dict[bool, Pass] = {}
                 order = (False, True) if round_number % 2 else (True, False)
                 for with_streams in order:
                     # Signed and funded afresh for each pass, before its clock starts.
                     chunk = prepare_bodies(env, "gasless", args.requests)
                     load_average = os.getloadavg()[0]
                     if with_streams:
-                        load, seconds = crowd.watch(
-                            functools.partial(run_load, api_port, chunk, args.concurrency)
-                        )
+                        passes[True], seconds = crowd.watch(functools.partial(measured, chunk))
                         build_positions(env)
                         worst = max(worst, seconds)
                         memory.append(crowd.memory_per_stream)
                     else:
-                        load = run_load(api_port, chunk, args.concurrency)
-                    rates[with_streams] = len(load.latencies) / load.elapsed
+                        passes[False] = measured(chunk)
+                    done = passes[with_streams]
                     print(
                         f"round {round_number} {'with' if with_streams else 'without'} streams: "
-                        f"intake {rates[with_streams]:.0f} requests/s, statuses "
-                        f"{sorted(load.statuses)} (machine load average {load_average:.1f})",
+                        f"intake {done.rate:.0f} requests/s, statuses "
+                        f"{sorted(done.load.statuses)}; the system's CPU "
+                        f"{done.cpu_per_request * 1000:.2f} ms per request "
+                        f"(machine load average {load_average:.1f})",
                         flush=True,
                     )
-                ratios.append(rates[True] / rates[False])
-                print(f"round {round_number}: ratio {ratios[-1]:.2f}", flush=True)
+                ratios.append(passes[True].rate / passes[False].rate)
+                cpu_ratios.append(passes[True].cpu_per_request / passes[False].cpu_per_request)
+                print(
+                    f"round {round_number}: rate ratio {ratios[-1]:.2f}, "
+                    f"CPU per request ratio {cpu_ratios[-1]:.2f}",
+                    flush=True,
+                )
             print(
-                f"median ratio with / without streams: {statistics.median(ratios):.2f} "
+                f"median intake rate with / without streams: {statistics.median(ratios):.2f} "
                 f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})\n"
+                f"median CPU per request with / without: {statistics.median(cpu_ratios):.2f} "
+                f"(rounds: {', '.join(f'{r:.2f}' for r in cpu_ratios)})\n"
                 f"slowest change to reach its stream, any round: {worst * 1000:.0f} ms\n"
                 f"memory per stream (first round, a fresh process): {memory[0] / 1024:.1f} KiB"
             )
