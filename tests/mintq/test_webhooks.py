@@ -335,9 +335,7 @@ def test_private_addresses_are_only_allowed_for_hosts_listed_exactly(settings: S
     on = webhook_settings(settings, webhook_allowed_hosts=("127.0.0.1", "*.internal.example"))
     assert webhooks.internal_allowed("127.0.0.1", on)
     assert not webhooks.internal_allowed("hooks.internal.example", on)
-    assert not webhooks.internal_allowed(
-        "127.0.0.1", on.replace(webhook_allow_private=False)
-    )
+    assert not webhooks.internal_allowed("127.0.0.1", on.replace(webhook_allow_private=False))
 
 
 def test_a_host_taken_off_the_list_gets_nothing(
