@@ -11,7 +11,9 @@ items are paid already (only the mint runs); mixed is half of each.
 
 The ceiling is the chain's: the share of the block gas our batches used in the measured
 blocks, and the mints per minute that the block gas limit allows at the measured gas per mint.
-`--burst N` instead queues N payments at once and times them from the queue to the last mint.
+`--burst N` instead queues N payments at once and times them from the queue to the last mint;
+`--light N` queues N payments one at a time, at random moments, and times each to its mint
+against one batch interval plus two blocks.
 `--block-gas-limit 150000000 --block-time 2 --max-tx-gas 16777216` is an L2-like chain (the
 per-transaction cap of EIP-7825 enforced by anvil).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -109,6 +112,37 @@ def sent_phases(log_file: Path, since: float, until: float) -> dict[str, list[fl
     return phases
 
 
+def light_load(
+    url: str, payments: list[VerifiedPayment], args: argparse.Namespace, interval: float
+) -> int:
+    """One payment at a time at random moments; each one's time from the queue to its mint."""
+    rng = random.Random(16)
+    time.sleep(args.warmup)
+    for payment in payments:
+        time.sleep(rng.uniform(0.2, interval + 2 * args.block_time))
+        insert_payments(url, [payment])
+    deadline = time.monotonic() + 120
+    while finished(url) < len(payments) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    latencies = sorted(
+        float(seconds)
+        for (seconds,) in sql(
+            url,
+            "SELECT extract(epoch FROM completed_at - created_at) FROM mint_queue"
+            " WHERE status = 'completed'",
+        )
+    )
+    bound = interval + 2 * args.block_time
+    print(f"kind {args.kind}; block time {args.block_time:g} s; light load, one at a time")
+    print(f"  completed           {len(latencies)} of {len(payments)}")
+    if latencies:
+        print(f"  queue to mint       median {statistics.median(latencies):.1f} s, "
+              f"max {latencies[-1]:.1f} s")  # fmt: skip
+    print(f"  bound               {bound:g} s (batch interval {interval:g} s + two blocks): "
+          f"{sum(t <= bound for t in latencies)} of {len(payments)} within")  # fmt: skip
+    return 0
+
+
 def median(values: Sequence[float]) -> str:
     return f"{statistics.median(values):7.0f} ms" if values else "      - "
 
@@ -137,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="queue this many payments at once and time them to the last mint",
     )
     parser.add_argument(
+        "--light",
+        type=int,
+        default=0,
+        help="queue this many payments one at a time and time each to its mint",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -157,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         anvil_args = ("--enable-tx-gas-limit",)
     per_block = args.block_gas_limit // GUESS_GAS[args.kind]
     per_second = per_block / args.block_time
-    count = args.burst or int(per_second * (args.warmup + args.seconds + 15) * 1.2)
+    count = args.burst or args.light or int(per_second * (args.warmup + args.seconds + 15) * 1.2)
 
     with bench_env("throughput", block_time=args.block_time, extra_anvil_args=anvil_args,
                    block_gas_limit=args.block_gas_limit) as env:  # fmt: skip
@@ -185,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         supervisor.start("beat", beat_command(LOG_DIR / "beat-schedule"), process_env)
         feeder = None
         try:
+            if args.light:
+                return light_load(url, payments, args, float(ops["batch_interval_seconds"]))
             if args.burst:
                 time.sleep(args.warmup / 2)  # the worker is up and idle, as a user finds it
                 start_block = env.w3.eth.block_number
