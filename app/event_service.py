@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -66,6 +67,8 @@ READ_BATCH = 500
 READ_WINDOW_SECONDS = 0.01
 # File descriptors kept for everything but streams: Postgres, Redis, logs, the listener.
 RESERVED_DESCRIPTORS = 64
+# How the subscription shows in Redis's CLIENT LIST.
+CLIENT_NAME = "mintq-events"
 _PATTERN = events.channel("*")
 _PREFIX = events.channel("")
 
@@ -124,7 +127,10 @@ class Changes:
     async def _run(self) -> None:
         while True:
             redis = AsyncRedis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_keepalive=True
+                self.redis_url,
+                socket_connect_timeout=2,
+                socket_keepalive=True,
+                client_name=CLIENT_NAME,
             )
             pubsub = redis.pubsub()
             try:
@@ -162,11 +168,9 @@ def _read_items(svc: Services, queue_ids: list[uuid.UUID]) -> dict[uuid.UUID, di
     """The items as `GET /queue/item` answers them, from one short session (a stream must
     not hold a pooled connection while it waits)."""
     with svc.sessions() as session:
-        ops = svc.operating(session)
-        return {
-            item.queue_id: queue.item_view(session, item, ops, svc.redis)
-            for item in queue.get_items(session, queue_ids)
-        }
+        items = queue.get_items(session, queue_ids)
+        views = queue.item_views(session, items, svc.operating(session), svc.redis)
+        return {item.queue_id: view for item, view in zip(items, views, strict=True)}
 
 
 class Reader:
@@ -418,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging()
     application = create_service(Services.from_settings(Settings.from_env()))
+    # What the imports built lives as long as the process: keep it out of the cyclic
+    # collector's full passes, which pause every stream (as app.wsgi does for the API).
+    gc.freeze()
     # A client that leaves cancels its stream at once, instead of at the next keepalive.
     web.run_app(
         application,

@@ -141,11 +141,13 @@ def start_anvil(
     log_path: Path | None = None,
     chain_id: int = 31337,
     extra_args: Sequence[str] = (),
+    gas_limit: int | None = None,
 ) -> Anvil:
     """Start anvil on 127.0.0.1 and return once it answers ``eth_chainId``.
 
-    Without ``block_time`` anvil mines each transaction as it arrives. anvil runs in a new
-    session, so a Ctrl-C in the caller's terminal does not reach it: call ``stop()``.
+    Without ``block_time`` anvil mines each transaction as it arrives; ``gas_limit`` is the
+    block gas limit (anvil's default, 30M, without it). anvil runs in a new session, so a
+    Ctrl-C in the caller's terminal does not reach it: call ``stop()``.
     """
     binary = anvil_binary()
     if port is None:
@@ -158,6 +160,8 @@ def start_anvil(
     args += ["--chain-id", str(chain_id)]
     if block_time is not None:
         args += ["--block-time", str(block_time)]
+    if gas_limit is not None:
+        args += ["--gas-limit", str(gas_limit)]
     args += list(extra_args)
 
     if log_path is None:

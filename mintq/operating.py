@@ -20,10 +20,10 @@ _FALSE = {"0", "false", "no", "off"}
 class OperatingSettings:
     """Knobs an operator may change at run time with a plain UPDATE."""
 
-    max_batch_size: int = 50
+    max_batch_size: int = 2000
     batch_interval_seconds: float = 10.0
     max_retries: int = 3
-    max_in_flight: int = 3
+    max_in_flight: int = 64
     paused: bool = False
 
 

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -104,6 +104,28 @@ def position(redis: Redis, item: Ordered, *, add: bool = False) -> int | None:
         log.warning("queue positions from Postgres, Redis unavailable: %s", exc)
         return None
     return None if int(rank) < 0 else int(rank) + 1
+
+
+def positions(redis: Redis, items: Sequence[Ordered]) -> list[int | None]:
+    """`position` of each of `items`, asked in one round trip (reads of many items at once)."""
+    if not items:
+        return []
+    try:
+        for attempt in (1, 2):
+            pipe = redis.pipeline(transaction=False)
+            for item in items:
+                pipe.evalsha(_POSITION_SHA, 2, KEY, BUILT_KEY, member(item), "")
+            try:
+                ranks = pipe.execute()
+                break
+            except NoScriptError:  # Redis restarted (or flushed its scripts): load it once
+                if attempt == 2:
+                    raise
+                redis.script_load(_POSITION)
+    except RedisError as exc:
+        log.warning("queue positions from Postgres, Redis unavailable: %s", exc)
+        return [None] * len(items)
+    return [None if int(rank) < 0 else int(rank) + 1 for rank in ranks]
 
 
 def add(redis: Redis, item: Ordered) -> None:

@@ -30,6 +30,7 @@ from web3.types import Nonce, TxParams, Wei
 
 from db.models import BatchMint, HotWallet, TxStatus, WalletTransaction
 from mintq.chain import Chain
+from mintq.eip3009 import checksum_address
 from mintq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,52 @@ class Fees:
         return Fees(max_fee, priority)
 
 
-def market_fees(chain: Chain) -> Fees:
+@dataclass(frozen=True)
+class WalletReads:
+    """What signing the wallet's next transaction asks of the node, read in one round trip."""
+
+    base_fee: int
+    priority: int
+    balance: int
+    mined_nonce: int
+    pending_nonce: int
+
+
+def read_wallet(minter: Minter) -> WalletReads | None:
+    """The base fee, tip, balance and both nonces in one JSON-RPC batch; None when the node
+    refused any of them (the callers then ask one at a time, with web3's errors)."""
+    address = minter.address
+    answers = minter.chain.call(
+        lambda: minter.chain.rpc(
+            [
+                ("eth_getBlockByNumber", ["latest", False]),
+                ("eth_maxPriorityFeePerGas", []),
+                ("eth_getBalance", [address, "latest"]),
+                ("eth_getTransactionCount", [address, "latest"]),
+                ("eth_getTransactionCount", [address, "pending"]),
+            ]
+        )
+    )
+    if any(answer is None for answer in answers) or answers[0].get("baseFeePerGas") is None:
+        return None
+    block, priority, balance, mined, pending = answers
+    return WalletReads(
+        int(block["baseFeePerGas"], 16),
+        int(priority, 16),
+        int(balance, 16),
+        int(mined, 16),
+        int(pending, 16),
+    )
+
+
+def market_fees(chain: Chain, reads: WalletReads | None = None) -> Fees:
     """EIP-1559 fees with room for the base fee to double, capped by MAX_FEE_GWEI."""
     w3 = chain.w3
-    base = int(chain.call(lambda: w3.eth.get_block("latest"))["baseFeePerGas"])
-    priority = int(chain.call(lambda: w3.eth.max_priority_fee))
+    if reads is not None:
+        base, priority = reads.base_fee, reads.priority
+    else:
+        base = int(chain.call(lambda: w3.eth.get_block("latest"))["baseFeePerGas"])
+        priority = int(chain.call(lambda: w3.eth.max_priority_fee))
     cap = max_fee_cap(chain.settings)
     max_fee = min(2 * base + priority, cap)
     return Fees(max_fee, min(priority, max_fee))
@@ -146,7 +188,7 @@ def max_fee_cap(settings: Settings) -> int:
 # --- nonce ---------------------------------------------------------------------------------
 
 
-def take_nonce(minter: Minter, session: Session) -> HotWallet:
+def take_nonce(minter: Minter, session: Session, chain_nonce: int | None = None) -> HotWallet:
     """Lock the wallet row; create it, or move it up when the key was used outside mintq.
 
     Every nonce mintq hands out is recorded with its transaction, so the chain's pending nonce
@@ -154,7 +196,8 @@ def take_nonce(minter: Minter, session: Session) -> HotWallet:
     ahead of the chain, is a nonce we reserved that never reached the chain: `reconcile`
     resends its transaction or fills the gap.
     """
-    chain_nonce = minter.nonce("pending")
+    if chain_nonce is None:
+        chain_nonce = minter.nonce("pending")
     wallet = session.scalars(
         select(HotWallet).where(HotWallet.address == minter.address).with_for_update()
     ).one_or_none()
@@ -174,16 +217,19 @@ def take_nonce(minter: Minter, session: Session) -> HotWallet:
 # --- funds ---------------------------------------------------------------------------------
 
 
-def ensure_funds(minter: Minter, cost: int) -> None:
+def ensure_funds(minter: Minter, cost: int, reads: WalletReads | None = None) -> None:
     """Raise LowFunds unless the wallet can pay `cost` wei on top of what its unmined
     transactions may still cost. The verdict is recorded on the wallet row for operators, in a
     transaction of its own (call this before taking the nonce row's lock)."""
-    balance = minter.chain.call(
-        lambda: int(minter.chain.w3.eth.get_balance(minter.account.address, "latest"))
-    )
-    mined = minter.nonce("latest")
+    if reads is not None:
+        balance, mined = reads.balance, reads.mined_nonce
+    else:
+        balance = minter.chain.call(
+            lambda: int(minter.chain.w3.eth.get_balance(minter.account.address, "latest"))
+        )
+        mined = minter.nonce("latest")
     with minter.sessions() as session, session.begin():
-        wallet = take_nonce(minter, session)
+        wallet = take_nonce(minter, session, reads.pending_nonce if reads else None)
         # Of several transactions at one nonce at most one is paid for; summing them all
         # over-approximates, which errs on the safe side.
         reserved = session.scalar(
@@ -442,17 +488,33 @@ def transactions_of(session: Session, batch_id: uuid.UUID) -> list[WalletTransac
     )
 
 
-def receipt_of_any(minter: Minter, tx_hashes: list[str]) -> Any | None:
-    """The receipt of whichever of a nonce's transactions was mined, if one was."""
-    from web3.exceptions import TransactionNotFound
+def receipt_of_any(minter: Minter, tx_hashes: list[str]) -> dict[str, Any] | None:
+    """The receipt of whichever of a nonce's transactions was mined, if one was.
 
-    for tx_hash in reversed(tx_hashes):  # the newest is the likeliest
-        try:
-            receipt = minter.chain.call(
-                lambda h=tx_hash: minter.chain.w3.eth.get_transaction_receipt(h)  # type: ignore[misc]
-            )
-        except TransactionNotFound:
-            continue
-        if receipt is not None:
-            return receipt
-    return None
+    Asked for all of them in one JSON-RPC batch, and read from the node's JSON: web3's
+    formatting of a batch receipt's hundreds of logs would cost more than the request.
+    Quantities are ints, hashes and topics bytes, log addresses checksummed.
+    """
+    answers = minter.chain.call(
+        lambda: minter.chain.rpc(
+            [("eth_getTransactionReceipt", [tx_hash]) for tx_hash in reversed(tx_hashes)]
+        )
+    )
+    raw = next((answer for answer in answers if answer), None)  # the newest is the likeliest
+    if raw is None:
+        return None
+    return {
+        "transactionHash": HexBytes(raw["transactionHash"]),
+        "blockHash": HexBytes(raw["blockHash"]),
+        "blockNumber": int(raw["blockNumber"], 16),
+        "status": int(raw["status"], 16),
+        "gasUsed": int(raw["gasUsed"], 16),
+        "logs": [
+            {
+                "address": checksum_address(entry["address"]),
+                "topics": [HexBytes(topic) for topic in entry["topics"]],
+                "data": HexBytes(entry["data"]),
+            }
+            for entry in raw["logs"]
+        ],
+    }

@@ -1,4 +1,5 @@
-"""The batch tasks: a singleton queue tick driven by beat, and chained confirmation polling."""
+"""The batch tasks: a singleton queue tick driven by beat, and confirmation: started by the
+nonce owner as soon as the chain mines a batch, then polled (a chained task) until final."""
 
 from __future__ import annotations
 
@@ -55,12 +56,19 @@ def schedule_confirmation(batch_id: uuid.UUID | str, countdown: float) -> None:
 def process_queue() -> dict[str, object]:
     """Beat tick: as nonce owner, send due batches and make sure each is being confirmed."""
     m = minter()
+
+    def confirm_now(batch_ids: list[uuid.UUID]) -> None:
+        # Mined: the receipt is there, so the first check should find it.
+        for batch_id in batch_ids:
+            schedule_confirmation(batch_id, 0)
+
     try:
-        result = batching.process_queue(m)
+        result = batching.process_queue(m, on_mined=confirm_now)
     except batching.LostLock as exc:
         log.warning("stopped: %s", exc)
         return {"owner": False}
-    # Batches sent now, and any whose confirmation chain was lost with a dead worker.
+    # Batches the chain has yet to mine, and any whose confirmation chain was lost with a dead
+    # worker: polled until final.
     for batch_id in result.in_flight:
         schedule_confirmation(batch_id, m.settings.confirm_poll_seconds)
     return {

@@ -208,6 +208,8 @@ def test_a_buyer_presses_mint_and_watches_it_complete(
             browser, lambda: text_of(browser, f"{selector} [data-field=status]") == "completed"
         )
         browser.save_screenshot(str(SCREENSHOTS / "mint_page_phone.png"))
+        browser.execute_script("document.querySelector(arguments[0]).scrollIntoView()", selector)
+        browser.save_screenshot(str(SCREENSHOTS / "mint_page_phone_mint.png"))
         width = browser.execute_script("return document.documentElement.scrollWidth")
         assert width <= 390, "the page scrolls sideways on a phone"
 
@@ -393,7 +395,7 @@ def dapp(api: str) -> Callable[..., Any]:
 def test_a_page_on_an_allowed_origin_mints_through_cors(
     browser: webdriver.Chrome, system: System, chainside: Chainside
 ) -> None:
-    buyer = chainside.new_payer(usdc=PRICE)
+    buyer = chainside.new_payer(usdc=2 * PRICE)
     shop = serving_on(system.allowed_origin_port, dapp(system.api))
     with shop as origin, injected_wallet(browser, chainside.w3, system.settings.rpc_url, buyer):
         browser.get(f"{origin}/")
@@ -402,9 +404,26 @@ def test_a_page_on_an_allowed_origin_mints_through_cors(
         )
         browser.find_element(By.ID, "buy").click()
         wait_for(browser, lambda: text_of(browser, "#out") == "completed", 60)
-    assert chainside.mint_balance(buyer.address) == MINT_AMOUNT
-    [row] = queue_rows(system.settings)
-    assert row.payer == buyer.address
+
+        # The same page pays the x402 402 itself: it can read PAYMENT-REQUIRED and
+        # PAYMENT-RESPONSE only because they are exposed to its origin.
+        browser.execute_script(
+            """import(arguments[0])
+                 .then((mintq) => mintq.payX402(window.ethereum, arguments[1]))
+                 .then((paid) => { window.paid = paid; },
+                       (error) => { window.paid = { error: error.message }; });""",
+            f"{system.api}/static/mintq.js",
+            f"{system.api}/mint",
+        )
+        paid = wait_for(browser, lambda: browser.execute_script("return window.paid"))
+    assert "error" not in paid, paid
+    assert paid["item"]["paymentType"] == "x402"
+    assert paid["settlement"]["success"] is True
+    assert paid["settlement"]["payer"] == buyer.address
+    mints = {(r.payer, r.status) for r in queue_rows(system.settings)}
+    assert len(queue_rows(system.settings)) == 2
+    assert (buyer.address, "completed") in mints
+    assert chainside.mint_balance(buyer.address) >= MINT_AMOUNT
 
 
 def test_a_page_on_another_origin_gets_no_cors_headers_and_cannot_call(

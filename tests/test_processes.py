@@ -165,3 +165,24 @@ def test_the_api_answers_when_started_as_the_container_starts_it(
     finally:
         supervisor.stop_all()
     assert process.returncode == 0, (tmp_path / "api.log").read_text()
+
+
+def test_the_event_service_answers_when_started_as_the_container_starts_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **service_env(settings),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "EVENTS_PORT": str(port),  # as compose's `events` takes its port from the environment
+    }
+    supervisor = stack.Supervisor(log_dir=tmp_path)
+    process = supervisor.start("events", ["sh", str(ENTRYPOINT), "events"], env)
+    try:
+        stack.wait_until_serving(port, supervisor)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["status"] == "ok"
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"app.event_service" in cmdline
+    finally:
+        supervisor.stop_all()
+    assert process.returncode == 0, (tmp_path / "events.log").read_text()

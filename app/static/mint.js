@@ -17,7 +17,16 @@ const REFUND_TEXT = {
   dust: "too small to send back",
   failed: "could not be sent: the seller will look into it",
 };
-const NETWORK_NAMES = { 8453: "Base", 84532: "Base Sepolia", 31337: "Local dev chain" };
+const NETWORK_NAMES = {
+  1: "Ethereum",
+  10: "Optimism",
+  137: "Polygon",
+  8453: "Base",
+  42161: "Arbitrum One",
+  84532: "Base Sepolia",
+  11155111: "Sepolia",
+  31337: "Local dev chain",
+};
 const SALE_STATES = {
   upcoming: "Opens soon",
   open: "On sale",

@@ -181,7 +181,6 @@ function decodeString(hex) {
 
 /** The EIP-712 domain USDC checks signatures against, read from the token itself. */
 export async function tokenDomain(provider, config) {
-  if (config.eip712Domain) return config.eip712Domain;
   const [name, version] = await Promise.all([
     call(provider, config.usdc, SELECTOR.name),
     call(provider, config.usdc, SELECTOR.version),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -229,3 +231,84 @@ def test_a_signed_but_unsent_batch_is_rebroadcast_with_the_same_bytes(
 def test_estimated_wait_counts_full_batches_ahead(n: int) -> None:
     ops = batching.OperatingSettings(max_batch_size=50, batch_interval_seconds=10)
     assert queue.estimated_wait_seconds(n, ops) == math.ceil(n / 50) * 10
+
+
+def test_the_owner_keeps_two_blocks_of_gas_unmined_without_waiting_for_confirmations(
+    minter: Minter, chainside: Chainside, mining_paused: None
+) -> None:
+    # A short lock: the owner waits for mining at most half of it before the tick ends.
+    quick = dataclasses.replace(minter, settings=minter.settings.replace(lock_ttl_seconds=2))
+    set_setting(minter, "max_batch_size", "2000")
+    set_setting(minter, "max_in_flight", "64")
+    set_setting(minter, "batch_interval_seconds", "0")
+    queue_payments(minter, 600)
+    block_gas = int(chainside.w3.eth.get_block("latest")["gasLimit"])
+
+    sent = batching.process_queue(quick).sent
+    with minter.sessions() as session:
+        batches = session.scalars(select(BatchMint).order_by(BatchMint.nonce)).all()
+    assert [b.batch_id for b in batches] == sent and len(sent) >= 3
+    # Sent until one more would have passed the two blocks' worth of gas the chain can take.
+    limits = [b.gas_limit for b in batches]
+    assert sum(limits) <= 2 * block_gas < sum(limits) + limits[-1]
+    assert all(limit <= minter.settings.max_tx_gas for limit in limits)
+    assert [b.nonce for b in batches] == [batches[0].nonce + i for i in range(len(batches))]
+    assert {b.status for b in batches} == {"sent"}  # none mined, none confirmed
+
+    chainside.w3.provider.make_request("anvil_mine", [2])  # type: ignore[arg-type]
+    mined: list[uuid.UUID] = []
+    more = batching.process_queue(quick, on_mined=mined.extend).sent
+    assert set(sent) <= set(mined)  # handed over for confirmation as soon as mined
+    assert more  # and the freed room was filled at once
+    chainside.w3.provider.make_request("anvil_mine", [2])  # type: ignore[arg-type]
+    assert set(confirm_all(minter, sent + more)) == {"confirmed"}
+    counts = statuses(minter)
+    assert counts["completed"] == sum(b.size for b in batches) + sum(
+        size for size in batch_sizes(minter, more)
+    )
+
+
+def batch_sizes(minter: Minter, batch_ids: list[uuid.UUID]) -> list[int]:
+    with minter.sessions() as session:
+        return [session.get(BatchMint, b).size for b in batch_ids]  # type: ignore[union-attr]
+
+
+def test_a_batch_that_falls_due_before_the_next_tick_is_sent_on_time(minter: Minter) -> None:
+    tick = minter.settings.beat_tick_seconds
+    set_setting(minter, "batch_interval_seconds", str(tick * 0.9))
+    queue_payments(minter, 1)
+    assert len(batching.process_queue(minter).sent) == 1
+    queue_payments(minter, 1)
+    started = time.monotonic()
+    # Due in under a beat tick: the owner waits for it rather than leave it to the next tick.
+    assert len(batching.process_queue(minter).sent) == 1
+    assert time.monotonic() - started < tick + 0.5
+
+
+def test_the_gas_model_learns_each_kind_from_confirmed_batches(minter: Minter) -> None:
+    set_setting(minter, "batch_interval_seconds", "0")
+    with minter.sessions() as session:
+        assert batching.gas_model(session) == batching.GasModel()  # nothing measured yet
+    queue_payments(minter, 20)
+    confirm_all(minter, batching.process_queue(minter).sent)
+    with minter.sessions() as session:
+        model = batching.gas_model(session)
+        [(gas, size)] = session.execute(select(BatchMint.gas_used, BatchMint.size)).all()
+    assert model.measured_mint and not model.measured_settle
+    assert model.mint == (gas - batching.BATCH_BASE_GAS) // size
+    assert model.knows(settling=0, paid=5) and not model.knows(settling=1, paid=0)
+
+
+@pytest.mark.parametrize(
+    ("block_gas", "tx_gas", "per_block"),
+    [(30_000_000, 2**24, 2), (150_000_000, 2**24, 10), (30_000_000, 30_000_000, 1)],
+)
+def test_batches_are_planned_so_that_a_whole_number_fills_a_block(
+    block_gas: int, tx_gas: int, per_block: int
+) -> None:
+    shape = batching.ChainShape(block_gas, 1.0, min(tx_gas, block_gas))
+    use, limit = shape.plan(1.1)
+    assert limit <= shape.tx_gas
+    # per_block - 1 batches using their planned gas leave room for the last one's whole limit.
+    assert (per_block - 1) * use + limit <= block_gas
+    assert per_block * use >= 0.85 * block_gas

@@ -134,6 +134,52 @@ def test_positions_survive_redis_forgetting_its_scripts(services: Services, redi
     assert positions.position(redis, newest, add=True) == 3  # added behind both, no deadline
 
 
+def test_many_positions_in_one_round_trip_agree_with_one_at_a_time(
+    services: Services, redis: Redis
+) -> None:
+    queue_items(services, [None, 900, 1800, None, 600])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+    ordered = claim_order(services)
+    shuffled = random.Random(3).sample(ordered, len(ordered))
+    redis.script_flush()  # the round trip loads the script when Redis lost it
+    assert positions.positions(redis, shuffled) == [
+        positions.position(redis, item) for item in shuffled
+    ]
+    redis.zrem(positions.KEY, positions.member(shuffled[0]))  # its add was lost
+    assert positions.positions(redis, shuffled)[0] is None
+    away = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2, socket_timeout=0.2)
+    assert positions.positions(away, shuffled) == [None] * len(shuffled)
+    assert positions.positions(redis, []) == []
+
+
+def test_views_of_many_items_are_each_item_s_view(services: Services, redis: Redis) -> None:
+    """What the event service sends is what `GET /queue/item` answers, pending or not, and
+    whether or not the set holds the item."""
+    queue_items(services, [None, 900, 1800, None])
+    with services.sessions() as session:
+        positions.rebuild(redis, session)
+    ordered = claim_order(services)
+    with services.sessions() as session, session.begin():
+        moved = session.scalars(
+            update(MintQueueItem)
+            .where(MintQueueItem.queue_id == ordered[0].queue_id)
+            .values(status="processing")
+            .returning(MintQueueItem)
+        ).all()
+        changed = events.changes(moved)
+    events.announce(redis, changed)
+    # The last one's add was lost (the last: the others' ranks do not depend on it).
+    redis.zrem(positions.KEY, positions.member(ordered[-1]))
+    with services.sessions() as session:
+        items = queue.get_items(session, [item.queue_id for item in ordered])
+        ops = services.operating(session)
+        views = queue.item_views(session, items, ops, redis)
+        assert views == [queue.item_view(session, item, ops, redis) for item in items]
+        assert queue.item_views(session, items, ops) == views  # counted in Postgres alike
+    assert sorted(view["queuePosition"] for view in views) == [0, 1, 2, 3]
+
+
 def test_the_tick_rebuilds_a_set_holding_items_no_longer_pending(
     services: Services, redis: Redis
 ) -> None:
