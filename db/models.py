@@ -218,7 +218,7 @@ class MintQueueItem(Base):
     quantity: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     price: Mapped[Decimal] = mapped_column(Uint256, nullable=False)
     # What the payer is owed back, in atomic USDC, once the item is final (NULL: nothing); set
-    # by the database (migration 0009) whenever the status becomes final, whoever sets it.
+    # by the database (migration 0010) whenever the status becomes final, whoever sets it.
     refund_amount: Mapped[Decimal | None] = mapped_column(Uint256)
     refund_status: Mapped[str | None] = mapped_column(String(16))
     refund_tx_hash: Mapped[str | None] = mapped_column(String(66))

@@ -1,6 +1,6 @@
 """Refunds: what a payer is owed back goes out in refund batches, exactly once.
 
-What is owed is set by the database when an item's status becomes final (migration 0009):
+What is owed is set by the database when an item's status becomes final (migration 0010):
 the part of a transfer beyond what it bought, or all of a payment that bought nothing. The
 refund wallet (REFUND_PRIVATE_KEY, holding USDC) signs an EIP-3009 authorization per refund,
 whose nonce is `MintToken.refundNonce(paymentId)`; the nonce owner sends them in a

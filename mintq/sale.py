@@ -1,7 +1,7 @@
 """The sale's rules: supply, a per-payer limit, a quantity limit and a window.
 
 They are `system_settings` rows, changed live through the admin API or CLI, and enforced by
-the database itself: the `mint_queue_sale` trigger (migration 0009) reserves a new item's
+the database itself: the `mint_queue_sale` trigger (migration 0010) reserves a new item's
 quantity in the statement that inserts it, across every API replica, and refuses it with a
 SQLSTATE of class MQ. This module validates the settings, reads the sale's state for clients,
 and turns the trigger's refusals into API errors.

@@ -19,8 +19,8 @@ at); a failed or refunded one whose money moved (`payment_tx_hash` set) owes all
 amount below `refund_min_amount` is dust, recorded and never sent. A batch transaction is a
 mint batch or a refund batch (`batch_mints.kind`).
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-06
 """
 
@@ -30,8 +30,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import UUID
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
