@@ -45,6 +45,7 @@ from app.schemas import (
     Uint256,
 )
 from db.models import BATCH_STATUSES, PAYMENT_TYPES, QUEUE_STATUSES
+from mintq.sale import MAX_QUANTITY
 from mintq.x402_payments import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, RESPONSE_HEADER, X_PAYMENT
 
 OPENAPI_VERSION = "3.1.0"
@@ -196,6 +197,16 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                     ),
                     "schema": {"type": "string", "format": "uri"},
                 },
+                {
+                    "in": "query",
+                    "name": "quantity",
+                    "required": False,
+                    "description": (
+                        "Mints an x402 request buys (default 1): its 402 asks for quantity "
+                        "times the price. JSON payments put `quantity` in the body."
+                    ),
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY},
+                },
             ],
             "requestBody": {
                 "required": False,
@@ -233,7 +244,7 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                     _json(
                         PaymentRequiredSchema,
                         "No payment, or not a valid one (`payment_required`, "
-                        "`insufficient_payment`, `wrong_amount`, `settlement_would_fail`, ...). "
+                        "`wrong_amount`, `settlement_would_fail`, ...). "
                         "A browser (`Accept: text/html`) sending no payment gets the paywall "
                         "page (HTML) with the same header.",
                         headers={
@@ -246,7 +257,11 @@ ROUTE_DOCS: dict[str, dict[str, Any]] = {
                 ),
                 "404": _json(ErrorSchema, "`tx_not_found`: the chain does not know the tx."),
                 "409": _json(
-                    ErrorSchema, "`tx_not_confirmed` (retry shortly) or `authorization_used`."
+                    ErrorSchema,
+                    "`tx_not_confirmed` (retry shortly), `authorization_used`, or the sale's "
+                    "refusal of an authorization before any money moves: `sale_not_started`, "
+                    "`sale_ended`, `quantity_too_large`, `payer_limit_reached`, `sold_out`. A "
+                    "transfer the sale cannot serve is answered 202 with a `refunded` item.",
                 ),
                 "422": _json(
                     ErrorSchema,

@@ -24,8 +24,8 @@ function statusBadge(status) {
 let lastBatches = "";
 
 function renderStatus(status) {
-  for (const name of ["pending", "processing", "completed", "failed"]) {
-    $(`count-${name}`).textContent = String(status[name]);
+  for (const name of ["pending", "processing", "completed", "failed", "refunded"]) {
+    $(`count-${name}`).textContent = String(status[name] ?? 0);
   }
   $("oldest-pending").textContent =
     status.oldestPendingAgeSeconds === null ? "none" : formatDuration(status.oldestPendingAgeSeconds);
@@ -61,10 +61,40 @@ function renderStatus(status) {
   );
 }
 
+const SALE_STATES = {
+  upcoming: "Upcoming",
+  open: "Open",
+  paused: "Paused",
+  sold_out: "Sold out",
+  ended: "Ended",
+};
+
+/** The sale (GET /config's `sale`): its state, and how much of the supply is taken. */
+function renderSale(sale) {
+  $("sale").hidden = !sale;
+  if (!sale) return;
+  const state = $("sale-state");
+  state.textContent = SALE_STATES[sale.state] || sale.state;
+  state.className = `status sale-${sale.state}`;
+  const parts = [`${sale.sold} sold, ${sale.reserved} taken`];
+  if (sale.maxSupply !== null) parts.push(`of ${sale.maxSupply}; ${sale.remaining} left`);
+  if (sale.maxPerPayer) parts.push(`at most ${sale.maxPerPayer} per payer`);
+  $("sale-summary").textContent = `${parts.join(" ")}.`;
+  const bar = $("sale-bar");
+  bar.hidden = sale.maxSupply === null;
+  if (sale.maxSupply !== null) {
+    bar.setAttribute("aria-valuemax", String(sale.maxSupply));
+    bar.setAttribute("aria-valuenow", String(sale.reserved));
+    bar.firstElementChild.style.width = `${Math.min(100, (100 * sale.reserved) / Math.max(sale.maxSupply, 1))}%`;
+  }
+}
+
 async function refreshStatus() {
   const problem = $("status-error");
   try {
-    renderStatus(await getJSON("/queue/status"));
+    const [status, config] = await Promise.all([getJSON("/queue/status"), getJSON("/config")]);
+    renderStatus(status);
+    renderSale(config.sale);
     problem.hidden = true;
   } catch (error) {
     problem.textContent = `Could not load the queue status: ${error.message}. Retrying.`;

@@ -211,3 +211,24 @@ def test_live_updates_arrive_by_server_sent_events(
             assert text_of(page, f"{card} .live") == "Final."
         finally:
             events.put(None)
+
+
+def test_the_status_page_shows_the_sale_and_its_supply(
+    page: webdriver.Chrome, services: Services, settings: Settings, chainside: Chainside
+) -> None:
+    engine = create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE system_settings SET value = '4' WHERE key = 'max_supply'"))
+    engine.dispose()
+    with serving(create_app(services=services)) as base:
+        queue_paid_mint(base, chainside)
+        page.get(f"{base}/status")
+        wait_for(page, lambda: text_of(page, "#sale-state") == "Open")
+        assert text_of(page, "#sale-summary") == "0 sold, 1 taken of 4; 3 left."
+        bar = page.find_element(By.ID, "sale-bar")
+        assert (bar.get_attribute("aria-valuenow"), bar.get_attribute("aria-valuemax")) == (
+            "1",
+            "4",
+        )
+        assert text_of(page, "#count-refunded") == "0"
+        page.save_screenshot("/tmp/status_page_sale.png")
