@@ -16,6 +16,8 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select, text
 from test_api import assert_error, row_count
+from x402 import PaymentPayload
+from x402.http import decode_payment_required_header, encode_payment_signature_header
 
 from app import create_app
 from conftest import PRICE, Chainside
@@ -322,3 +324,37 @@ def test_an_items_quantity_never_changes(services: Services, chainside: Chainsid
         assert item is not None and item.price == Decimal(PRICE)
         item.quantity = 2
         session.commit()
+
+
+def x402_paid(client: FlaskClient, chainside: Chainside, quantity: int, value: int) -> Any:
+    """An x402 v2 request for `quantity` mints whose authorization pays `value`."""
+    url = f"/mint?quantity={quantity}"
+    offer = client.post(url)
+    assert offer.status_code == 402
+    required = decode_payment_required_header(offer.headers["PAYMENT-REQUIRED"])
+    [accepted] = required.accepts
+    assert int(accepted.amount) == quantity * PRICE
+    body = chainside.sign_authorization(chainside.new_payer(usdc=value), value=value)
+    payload = PaymentPayload(
+        x402_version=2,
+        payload={"authorization": body["authorization"], "signature": body["signature"]},
+        accepted=accepted,
+    )
+    return client.post(url, headers={"PAYMENT-SIGNATURE": encode_payment_signature_header(payload)})
+
+
+def test_x402_buys_the_quantity_its_402_asked_for(
+    client: FlaskClient, chainside: Chainside, settings: Settings
+) -> None:
+    configure(client, max_quantity=3)
+    paid = x402_paid(client, chainside, 2, 2 * PRICE)
+    assert paid.status_code == 202, paid.get_data(as_text=True)
+    assert (paid.get_json()["quantity"], paid.get_json()["paymentType"]) == (2, "x402")
+    # An authorization for one mint's price does not buy two.
+    short = x402_paid(client, chainside, 2, PRICE)
+    assert_error(short, 402, "wrong_amount")
+    assert "PAYMENT-REQUIRED" in short.headers
+    assert_error(x402_paid(client, chainside, 4, 4 * PRICE), 409, "quantity_too_large")
+    assert_error(client.post("/mint?quantity=0"), 400, "validation_error")
+    assert_error(client.post("/mint?quantity=lots"), 400, "validation_error")
+    assert row_count(settings) == 1

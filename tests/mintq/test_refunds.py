@@ -18,7 +18,7 @@ from conftest import DEPLOYER_KEY, MINT_AMOUNT, PRICE, REFUND_KEY, Chainside
 from db.models import BatchMint, MintQueueItem
 from deploy.devchain import ANVIL_KEYS
 from deploy.pay import send_and_wait
-from mintq import batching, intake, refunds
+from mintq import batching, intake, refunds, sale
 from mintq.batching import Minter
 from mintq.payments import CustomPayment, GaslessPayment
 from mintq.services import Services
@@ -282,3 +282,44 @@ def test_after_the_old_signature_expires_unused_the_new_wallet_pays(
     done = item(minter, queue_id)
     assert (done.refund_status, done.refund_wallet) == ("confirmed", REFUND_WALLET)
     assert chainside.usdc_balance(payer.address) == PRICE // 2
+
+
+def test_a_buyer_mints_three_in_one_payment_either_way_and_is_refused_a_fourth(
+    services: Services, minter: Minter, chainside: Chainside
+) -> None:
+    set_setting(minter, "max_quantity", "3")
+    set_setting(minter, "max_per_payer", "3")
+    # One gasless payment for three.
+    signer = chainside.new_payer(usdc=4 * PRICE)
+    data = load_mint_request(
+        {**chainside.sign_authorization(signer, value=3 * PRICE), "quantity": 3}
+    )
+    three = GaslessPayment(services.chain, data["authorization"], data["signature"], 3)
+    with services.autocommit() as connection:
+        intake.submit(connection, three, NoLimit())
+    # One transfer of three times the price.
+    sender, _ = pay_custom(services, chainside, 3 * PRICE)
+    run_until_settled(minter)
+    for buyer in (signer, sender):
+        assert chainside.mint_balance(buyer.address) == 3 * MINT_AMOUNT
+
+    # A fourth: the authorization is refused before any money moves, the transfer paid back.
+    data = load_mint_request(chainside.sign_authorization(signer))
+    fourth = GaslessPayment(services.chain, data["authorization"], data["signature"])
+    with services.autocommit() as connection, pytest.raises(sale.SaleRefusal) as refused:
+        intake.submit(connection, fourth, NoLimit())
+    assert refused.value.code == "payer_limit_reached"
+    chainside.w3.provider.make_request(
+        "anvil_setBalance",
+        [sender.address, hex(10**20)],  # type: ignore[list-item]
+    )
+    send_and_wait(chainside.w3, sender, chainside.usdc.functions.mint(sender.address, PRICE))
+    _, again = pay_custom(services, chainside, PRICE, sender)
+    run_until_settled(minter)
+    assert (item(minter, again).status, item(minter, again).refund_status) == (
+        "refunded",
+        "confirmed",
+    )
+    assert chainside.usdc_balance(signer.address) == PRICE  # charged for three, not four
+    assert chainside.usdc_balance(sender.address) == PRICE  # the fourth came back
+    assert chainside.mint_balance(sender.address) == 3 * MINT_AMOUNT
