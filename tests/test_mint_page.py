@@ -167,7 +167,9 @@ def test_a_buyer_presses_mint_and_watches_it_complete(
         assert text_of(browser, "#mint-amount") == "100 tokens"
         assert text_of(browser, "#network") == "Local dev chain"
         assert browser.find_element(By.ID, "quantity-row").is_displayed() is False
-        assert browser.find_element(By.ID, "sale").is_displayed() is False
+        # A sale with no limits: open, and no supply bar.
+        assert text_of(browser, "#sale-state") == "On sale"
+        assert browser.find_element(By.ID, "sale-bar").is_displayed() is False
         browser.save_screenshot(str(SCREENSHOTS / "mint_page_desktop.png"))
 
         browser.find_element(By.ID, "mint").click()
