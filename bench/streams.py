@@ -412,11 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     load_average = os.getloadavg()[0]
                     if with_streams:
                         passes[True], seconds = crowd.watch(functools.partial(measured, chunk))
-                        build_positions(env)
                         worst = max(worst, seconds)
                         memory.append(crowd.memory_per_stream)
                     else:
                         passes[False] = crowd.unwatched(functools.partial(measured, chunk))
+                    build_positions(env)  # the items are pending again, as at the start
                     done = passes[with_streams]
                     print(
                         f"round {round_number} {'with' if with_streams else 'without'} streams: "
