@@ -347,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8, help="per gunicorn worker")
     args = parser.parse_args(argv)
 
+    # A Redis db of its own: the queue positions of another benchmark's db (bench_env's default,
+    # flushed when one starts and ends) would vanish under this one's streams.
+    os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     # A socket per stream on the client side, and the server's too on this host.
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
