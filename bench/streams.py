@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import re
 import resource
+import socket
 import statistics
 import threading
 import time
@@ -132,6 +133,15 @@ def _client_process(pipe: Connection, port: int) -> None:
 
 
 # --- the server side ----------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on: other checkouts of this repository may run this benchmark."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def rss_bytes(pid: int) -> int:
@@ -372,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mover = Mover(env)
 
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
-        api_port, events_port = 18100, 18101
+        api_port, events_port = free_ports(2)
         process_env = {**env.env(), "EVENTS_PORT": str(events_port)}
         api = supervisor.start(
             "api", api_command(api_port, workers=args.workers, threads=args.threads), process_env
