@@ -12,8 +12,8 @@ wsgi_app = "app.wsgi:app"
 bind = ["127.0.0.1:8000"]
 
 # Two per core with 8 threads measured best for intake (bench.intake; 2x16, 3x8, 4x4, 6x6, 8x2
-# and 12x1 did no better), and each live-update stream holds a thread for its whole life: 8
-# keeps room for them. WEB_CONCURRENCY, gunicorn's own knob, still sets the number of workers.
+# and 12x1 did no better). Live-update streams hold no thread here: the event service serves
+# them. WEB_CONCURRENCY, gunicorn's own knob, still sets the number of workers.
 workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
 worker_class = "gthread"
 threads = 8

@@ -8,10 +8,11 @@ here (app.events). Run it as `python -m deploy.processes events`.
 
 What a client sees is what the API's stream always sent: first `retry:` and the item's
 current state as `event: status`, with `data:` the item exactly as `GET /queue/item/<queueId>`
-answers it (read from Postgres and rendered by `mintq.queue.item_view`), then each change,
-and the end once the item is completed or failed. Every `HEARTBEAT_SECONDS` of silence the
-item is read again (a message lost to a Redis hiccup costs one beat, not the update) and a
-`: keepalive` comment is sent, which also finds a client that went away.
+answers it (read from Postgres, rendered by `mintq.queue.item_views` as the API renders it
+with `item_view`), then each change, and the end once the item is completed or failed. Every
+`HEARTBEAT_SECONDS` of silence the item is read again (a message lost to a Redis hiccup
+costs one beat, not the update) and a `: keepalive` comment is sent, which also finds a
+client that went away.
 
 Changes arrive on Redis pub/sub (`mintq.events`): the process holds one subscription to the
 pattern of every item's channel, confirmed before it serves, instead of a subscription per
@@ -44,6 +45,7 @@ from redis import RedisError
 from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.errors import RETRY_AFTER_SECONDS
 from mintq import events, queue
 from mintq.errors import DependencyUnavailable, MintqError
 from mintq.logs import configure_logging
@@ -59,7 +61,6 @@ RETRY_MILLISECONDS = 3000
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # Seconds between attempts to subscribe again after losing Redis.
 RESUBSCRIBE_SECONDS = 1.0
-RETRY_AFTER_SECONDS = 5
 # Reads in flight at once (each a thread and a pooled connection), and items per read.
 READ_THREADS = 4
 READ_BATCH = 500

@@ -1,24 +1,26 @@
 """Live updates for a crowd: thousands of open event streams, and what they cost intake.
 
-    .venv/bin/python -m bench.streams [--streams 5000] [--requests 4000] [--rounds 4]
+    .venv/bin/python -m bench.streams [--streams 5000] [--requests 3000] [--rounds 6]
                                       [--batch 50] [--concurrency 32] [--workers 4] [--threads 8]
 
 It starts the API under gunicorn (as bench.intake does) and the event service, each by its
 command line from deploy/processes.py, on a fresh database with `--streams` pending items.
 Each round measures gasless intake (bench.intake's bodies and load generator) twice, the
-order alternating from round to round:
+order alternating from round to round, and in both passes the items change as the batch
+worker would move them (whether or not anyone watches): `--batch` items at a time go
+`processing`, committed then announced, the batches spread over the pass; after it, every
+item completes at the same pace. The passes differ only in the streams:
 
 - without streams;
-- with one stream open per item (a client process holding every connection, opened and
-  each given its item's first state before the clock starts), while the items change as the
-  batch worker would move them: `--batch` items at a time go `processing`, committed then
-  announced, the batches spread over the pass. After the pass every item completes, and each
-  stream must then end.
+- with one stream open per item: a client process holds every connection, each opened and
+  given its item's first state before the clock starts, and each must end once its item
+  completes.
 
-It prints each pass's intake rate and their ratio, how long each stream took to receive its
-item's change after the announcement (p50, p99, max, and how many took over a second),
-during the load and after it, the event service's CPU time, and its memory: the growth of
-its resident set while the streams were opened, over the number of streams.
+It prints each pass's intake rate and the CPU time the system under test spent per request
+(SystemCpu: the machine is shared, and other users' work counts in a rate but not in this),
+their ratios, how long each stream took to receive its item's change after the announcement
+(p50, p99, max, and how many took over a second), and the event service's memory: the growth
+of its resident set while the streams opened, over the number of streams.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import multiprocessing
 import os
 import re
 import resource
+import socket
 import statistics
 import threading
 import time
@@ -130,6 +133,15 @@ def _client_process(pipe: Connection, port: int) -> None:
 
 
 # --- the server side ----------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on: other checkouts of this repository may run this benchmark."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def rss_bytes(pid: int) -> int:
@@ -260,7 +272,7 @@ class Latencies:
 
 
 class Crowd:
-    """The streams, opened for a pass and followed to their end."""
+    """The item changes of a pass, and the streams that watch them (or none)."""
 
     def __init__(
         self,
@@ -277,10 +289,30 @@ class Crowd:
         self.batches = [queue_ids[i : i + batch] for i in range(0, len(queue_ids), batch)]
         self.memory_per_stream = 0.0
 
+    def _changing(self, intake: Callable[[], Pass]) -> tuple[Pass, list[float], list[float]]:
+        """Run `intake` while the items go `processing`, then complete them at the same pace;
+        when each item's announcements went out."""
+        processing_at: list[float] = []
+        mover = threading.Thread(
+            target=self.mover.spread,
+            args=(self.batches, "processing", self.spread, processing_at),
+        )
+        mover.start()
+        measured = intake()
+        mover.join()
+        completed_at: list[float] = []
+        self.mover.spread(self.batches, "completed", self.spread, completed_at)
+        return measured, processing_at, completed_at
+
+    def unwatched(self, intake: Callable[[], Pass]) -> Pass:
+        """The same changes during `intake`, with nobody watching."""
+        measured, _, _ = self._changing(intake)
+        self.mover.reset(self.queue_ids)
+        return measured
+
     def watch(self, intake: Callable[[], Pass]) -> tuple[Pass, float]:
-        """Open every stream, run `intake` while the items go `processing`, then complete them
-        at the same pace and see every stream end. Returns intake's result and the slowest
-        change's delay."""
+        """Open every stream, make the changes during `intake`, and see every stream end.
+        Returns intake's result and the slowest change's delay."""
         count = len(self.queue_ids)
         rss_before, cpu_before = rss_bytes(self.service_pid), cpu_seconds(self.service_pid)
         self.pipe.send(("open", [str(q) for q in self.queue_ids]))
@@ -291,19 +323,8 @@ class Crowd:
         self.memory_per_stream = (rss_open - rss_before) / count
         cpu_open = cpu_seconds(self.service_pid)
         client_before = cpu_seconds(self.client_pid)
-        processing_at: list[float] = []
-        mover = threading.Thread(
-            target=self.mover.spread,
-            args=(self.batches, "processing", self.spread, processing_at),
-        )
-        mover.start()
-        measured = intake()
-        load = measured.load
-        mover.join()
-        cpu_during = cpu_seconds(self.service_pid) - cpu_open
-        client_during = cpu_seconds(self.client_pid) - client_before
-        completed_at: list[float] = []
-        self.mover.spread(self.batches, "completed", self.spread, completed_at)
+        measured, processing_at, completed_at = self._changing(intake)
+        cpu_after = cpu_seconds(self.service_pid), cpu_seconds(self.client_pid)
         self.pipe.send(("collect", 60.0))
         seen, unfinished, errors = self.pipe.recv()
         processing = Latencies.of(processing_at, seen, "processing")
@@ -316,8 +337,9 @@ class Crowd:
             f"  processing   {processing.line()} (during intake)\n"
             f"  completed    {completed.line()} (after it; {unfinished} streams did not end"
             f"{', ' + '; '.join(errors) if errors else ''})\n"
-            f"  cpu during the {load.elapsed:.1f} s pass: event service {cpu_during:.2f} s, "
-            f"the streams' client {client_during:.2f} s",
+            f"  CPU from the pass to the last completion: event service "
+            f"{cpu_after[0] - cpu_open:.2f} s, the streams' client "
+            f"{cpu_after[1] - client_before:.2f} s",
             flush=True,
         )
         self.mover.reset(self.queue_ids)
@@ -327,14 +349,17 @@ class Crowd:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.streams", description=__doc__)
     parser.add_argument("--streams", type=int, default=5000)
-    parser.add_argument("--requests", type=int, default=4000, help="per intake pass")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=3000, help="per intake pass")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch", type=int, default=50, help="items moved at once")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=8, help="per gunicorn worker")
     args = parser.parse_args(argv)
 
+    # A Redis db of its own: the queue positions of another benchmark's db (bench_env's default,
+    # flushed when one starts and ends) would vanish under this one's streams.
+    os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     # A socket per stream on the client side, and the server's too on this host.
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -357,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mover = Mover(env)
 
         supervisor = Supervisor(log_dir=Path("/tmp/mintq-bench-logs"))
-        api_port, events_port = 18100, 18101
+        api_port, events_port = free_ports(2)
         process_env = {**env.env(), "EVENTS_PORT": str(events_port)}
         api = supervisor.start(
             "api", api_command(api_port, workers=args.workers, threads=args.threads), process_env
@@ -400,11 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     load_average = os.getloadavg()[0]
                     if with_streams:
                         passes[True], seconds = crowd.watch(functools.partial(measured, chunk))
-                        build_positions(env)
                         worst = max(worst, seconds)
                         memory.append(crowd.memory_per_stream)
                     else:
-                        passes[False] = measured(chunk)
+                        passes[False] = crowd.unwatched(functools.partial(measured, chunk))
+                    build_positions(env)  # the items are pending again, as at the start
                     done = passes[with_streams]
                     print(
                         f"round {round_number} {'with' if with_streams else 'without'} streams: "

@@ -85,6 +85,9 @@ class TickResult:
     replaced: list[str] = field(default_factory=list)
     paused: bool = False
     low_funds: bool = False
+    # The owner left because its time was up, with batches still waiting for the chain: the
+    # next tick should start now rather than at the next beat.
+    more: bool = False
 
 
 # Called with the batches the chain has just mined, to confirm them now rather than on a poll.
@@ -347,6 +350,10 @@ def fill_blocks(
     reported: set[uuid.UUID] = set()
     prepared: PreparedBatch | None = None
     simulated_at: int | None = None  # the chain's mined nonce at the last simulation
+    model, modelled_at = GasModel(), None  # learned again when the chain has mined more
+    # The last batch sent was as large as the chain takes: the queue outran the blocks, and
+    # what is left of that backlog goes at once rather than after the interval.
+    draining = False
     try:
         while True:
             with minter.sessions() as session:
@@ -354,8 +361,9 @@ def fill_blocks(
                 if ops.paused:
                     result.paused = True
                     return
-                model = gas_model(session)
                 now = _read_pipeline(minter, session)
+                if now.mined_nonce != modelled_at:
+                    model, modelled_at = gas_model(session), now.mined_nonce
             fresh = [b for b in now.mined if b not in reported]
             if fresh and on_mined is not None:
                 on_mined(fresh)
@@ -367,7 +375,8 @@ def fill_blocks(
                 if now.last_batch_at is not None
                 else math.inf
             )
-            due_in = 0.0 if now.pending >= full else ops.batch_interval_seconds - since_last
+            backlog = now.pending >= full or draining
+            due_in = 0.0 if backlog else ops.batch_interval_seconds - since_last
             due = now.pending > 0 and due_in <= 0
             room = (
                 now.unconfirmed < ops.max_in_flight
@@ -392,10 +401,12 @@ def fill_blocks(
                     result.low_funds = True
                     return
                 result.sent.append(batch_id)
+                draining = batch.fills_plan
                 continue
             left = stay_until - time.monotonic()
             if now.broadcast_unmined:
                 if left <= 0:
+                    result.more = True
                     return
                 if due and prepared is None:
                     # No room until the chain mines: have the next batch ready by then.
@@ -527,6 +538,8 @@ class PreparedBatch:
     gas_limit: int
     clock: _Phases
     simulated: bool
+    # More was pending than fits the plan's gas (not `max_batch_size`, not the queue's end).
+    fills_plan: bool
 
     def release(self) -> None:
         self.session.rollback()
@@ -558,7 +571,9 @@ def prepare_batch(
     try:
         model = model or gas_model(session)
         cheapest = min(model.mint, model.settle, model.paid_beside)
-        claimable = max(1, min(ops.max_batch_size, (use - BATCH_BASE_GAS) // cheapest))
+        # One more than fits at the cheapest kind's gas: when it is cut, the queue held more
+        # than the chain takes in one batch.
+        claimable = max(1, min(ops.max_batch_size, (use - BATCH_BASE_GAS) // cheapest + 1))
         claimed = list(
             session.scalars(
                 select(MintQueueItem)
@@ -601,7 +616,8 @@ def prepare_batch(
             items = items[: max(1, min(len(items) - 1, len(items) * cap // gas_limit))]
             data = batch_calldata(chain, items)
         clock.lap("estimate")
-        prepared = PreparedBatch(session, items, data, gas_limit, clock, simulate)
+        fills_plan = len(items) < len(claimed)
+        prepared = PreparedBatch(session, items, data, gas_limit, clock, simulate, fills_plan)
         return prepared
     finally:
         if prepared is None:

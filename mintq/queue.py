@@ -181,9 +181,11 @@ def get_item(session: Session, queue_id: uuid.UUID) -> MintQueueItem | None:
     return session.get(MintQueueItem, queue_id)
 
 
-def get_items(session: Session, queue_ids: Collection[uuid.UUID]) -> list[MintQueueItem]:
-    """The items of `queue_ids` that exist, in one query (the event service's reads)."""
-    return list(session.scalars(select(MintQueueItem).where(MintQueueItem.queue_id.in_(queue_ids))))
+def get_items(db: Session | Connection, queue_ids: Collection[uuid.UUID]) -> list[ItemRow]:
+    """The items of `queue_ids` that exist, in one query, as rows (the event service reads
+    hundreds at a time, and ORM objects cost more to build than the query)."""
+    rows = db.execute(_ROW.where(_ITEMS.c.queue_id.in_(queue_ids)))
+    return [ItemRow._make(row) for row in rows]
 
 
 def items_for_payer(session: Session, payer: str, limit: int = 100) -> list[MintQueueItem]:

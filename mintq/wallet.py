@@ -24,7 +24,7 @@ from eth_account.typed_transactions import TypedTransaction
 from hexbytes import HexBytes
 from redis import Redis
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 from web3.exceptions import Web3RPCError
 from web3.types import Nonce, TxParams, Wei
 
@@ -333,7 +333,10 @@ def broadcast(minter: Minter, lock: NonceLock, tx_hash: str) -> bool:
             tx.status = "sent"
             tx.sent_at = now  # a rebroadcast does not restart the clock of `replace_stuck`
         if tx.batch_id is not None:
-            batch = session.get(BatchMint, tx.batch_id, with_for_update=True)
+            # Not its signed bytes again: they were just read from the transaction's row.
+            batch = session.get(
+                BatchMint, tx.batch_id, with_for_update=True, options=[defer(BatchMint.raw_tx)]
+            )
             if batch is not None and batch.status == "signed":
                 batch.status = "sent"
                 batch.sent_at = now

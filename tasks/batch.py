@@ -71,6 +71,10 @@ def process_queue() -> dict[str, object]:
     # worker: polled until final.
     for batch_id in result.in_flight:
         schedule_confirmation(batch_id, m.settings.confirm_poll_seconds)
+    if result.more:
+        # The owner's time was up while the chain still had its batches: carry on at once
+        # (beat's next tick may be a whole tick away, and blocks would go out half full).
+        process_queue.apply_async(expires=m.settings.lock_ttl_seconds)
     return {
         "owner": result.owner,
         "paused": result.paused,

@@ -69,7 +69,7 @@ def stack(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[tuple[d
              "--state-dir", str(tmp_path / "state")],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    ports = {"api": api, "anvil": anvil, "flower": flower, "pid": process.pid}
+    ports = {"api": api, "anvil": anvil, "flower": flower, "events": events, "pid": process.pid}
     try:
         yield ports, output
     finally:
@@ -118,6 +118,12 @@ def test_up_serves_a_paid_mint_restarts_a_dead_worker_and_ctrl_c_stops_all(
         return requests.get(item, timeout=5).json()["status"] == "completed"
 
     wait_for(completed, 60, "the mint to complete")
+
+    # Its live updates: the API sends the stream to the stack's event service (EVENTS_PORT),
+    # which gives the final state and ends it.
+    stream = requests.get(f"{item}/events", stream=True, timeout=30)
+    assert stream.url.startswith(f"http://127.0.0.1:{ports['events']}/"), stream.url
+    assert '"status":"completed"' in stream.text
 
     # A worker that dies is started again.
     worker = wait_for(lambda: batch_worker(root), 10, "the batch worker")

@@ -176,6 +176,8 @@ def test_views_of_many_items_are_each_item_s_view(services: Services, redis: Red
         ops = services.operating(session)
         views = queue.item_views(session, items, ops, redis)
         assert views == [queue.item_view(session, item, ops, redis) for item in items]
+        orm_items = [queue.get_item(session, item.queue_id) for item in items]
+        assert views == [queue.item_view(session, item, ops, redis) for item in orm_items if item]
         assert queue.item_views(session, items, ops) == views  # counted in Postgres alike
     assert sorted(view["queuePosition"] for view in views) == [0, 1, 2, 3]
 

@@ -155,15 +155,14 @@ def test_low_funds_hold_the_queue_and_it_resumes_when_funded(
 def test_batch_size_is_bounded_by_the_gas_cap(minter: Minter) -> None:
     tight = dataclasses.replace(minter, settings=minter.settings.replace(max_tx_gas=600_000))
     queue_payments(minter, 12)
-    # Batches of 5 fill a 600k cap: two go at once (full), the last 2 wait for the interval.
+    # Batches of 5 fill a 600k cap: the queue outran what the chain takes, so they go at once,
+    # and so does what is left of that backlog.
     sent = batching.process_queue(tight).sent
-    assert len(sent) == 2
     with minter.sessions() as session:
-        for batch_id in sent:
-            batch = session.get(BatchMint, batch_id)
-            assert batch is not None
-            # 5 items at the 100k assumed before anything is measured, x 1.1, fit 600k.
-            assert batch.size == 5 and batch.gas_limit <= 600_000
+        batches = [session.get(BatchMint, batch_id) for batch_id in sent]
+    # 5 items at the 100k assumed before anything is measured, x 1.1, fit 600k.
+    assert [b.size for b in batches if b is not None] == [5, 5, 2]
+    assert all(b is not None and b.gas_limit <= 600_000 for b in batches)
 
 
 def test_an_owner_that_lost_its_lock_signs_nothing(minter: Minter, chainside: Chainside) -> None:
