@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import queue as stdlib_queue
+import secrets
 import threading
 import time
 import uuid
@@ -27,8 +28,9 @@ from sqlalchemy import update
 import app.event_service
 from app import create_app
 from app.event_service import create_service
-from conftest import PRICE, Chainside, free_ports, paid, service_env
+from conftest import PAY_TO, PRICE, Chainside, free_ports, paid, service_env
 from db.models import MintQueueItem
+from deploy.pay import send_and_wait
 from deploy.processes import events_command
 from deploy.stack import (
     Supervisor,
@@ -499,3 +501,32 @@ def move_all(services: Services, queue_ids: list[str], status: str) -> None:
         ).all()
         changed = events.changes(moved)
     events.announce(services.redis, changed)
+
+
+def test_a_stream_stays_until_the_refund_it_owes_is_paid(
+    services: Services, minter: Minter
+) -> None:
+    """A completed item that owes part of its payment back is not finished until the refund
+    is confirmed: its stream shows the refund go out, then ends."""
+    payment = paid(payment_tx_hash="0x" + secrets.token_hex(32), amount=PRICE + PRICE // 2)
+    with services.sessions() as session, session.begin():
+        queue_id = queue.enqueue(session, payment)[0].queue_id
+    send_and_wait(minter.chain.w3, minter.account, minter.chain.usdc.functions.mint(PAY_TO, PRICE))
+    with serving_events(services) as base:
+        stream = open_stream(f"{base}/queue/item/{queue_id}/events")
+        assert stream.next() == ("retry", 3000)
+        assert stream.next_status()["status"] == "pending"
+        [batch_id] = batching.process_queue(minter).sent
+        assert stream.next_status()["status"] == "processing"
+        batching.confirm_batch(minter, batch_id)
+        completed = stream.next_status()
+        assert (completed["status"], completed["refundStatus"]) == ("completed", "pending")
+        [refund_batch] = batching.process_queue(minter).sent
+        assert stream.next_status()["refundStatus"] == "sent"
+        batching.confirm_batch(minter, refund_batch)
+        refunded = stream.next_status()
+        assert (refunded["refundStatus"], refunded["refundAmount"]) == (
+            "confirmed",
+            str(PRICE // 2),
+        )
+        assert stream.next() == ("end", None)
