@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from sqlalchemy import update
+from x402.http import decode_payment_required_header
 
 from conftest import free_ports, paid, service_env
 from db.models import MintQueueItem
@@ -108,3 +109,13 @@ def move(services: Services, queue_id: uuid.UUID, status: str) -> None:
         ).all()
         changed = events.changes(moved)
     events.announce(services.redis, changed)
+
+
+def test_the_paid_url_names_the_host_and_port_the_client_reached(behind_nginx: str) -> None:
+    """x402 clients pay the URL the 402 names: behind nginx it keeps the client's port."""
+    offer = requests.post(f"{behind_nginx}/mint", timeout=10)
+    assert offer.status_code == 402
+    required = decode_payment_required_header(offer.headers["PAYMENT-REQUIRED"])
+    assert required.resource is not None and required.resource.url == f"{behind_nginx}/mint"
+    discovery = requests.get(f"{behind_nginx}/.well-known/x402", timeout=10).json()
+    assert discovery["resources"] == [f"{behind_nginx}/mint"]
