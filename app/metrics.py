@@ -42,7 +42,6 @@ from db.models import (
     HotWallet,
     MintQueueItem,
     RefundStatus,
-    SaleSupply,
     WalletTransaction,
     WebhookDelivery,
 )
@@ -450,7 +449,7 @@ class MintqCollector:
     def _sale(session: Session) -> list[Metric]:
         """The supply the sale holds and its cap, and refunds by how far they got."""
         rules = sale.load_rules(session)
-        reserved = session.scalar(select(SaleSupply.reserved)) or 0
+        reserved = sale.count_reserved(session)
         refunds = session.execute(
             select(
                 MintQueueItem.refund_status,

@@ -346,14 +346,31 @@ class HotWallet(Base):
     balance_needed: Mapped[Decimal | None] = mapped_column(Uint256)
 
 
+# Rows `sale_supply` counts on (an item on the one its payment id hashes to).
+SALE_SHARDS = 16
+
+
 class SaleSupply(Base):
-    """Mints the held items hold (one row, kept by the `mint_queue_sale` trigger)."""
+    """Mints the held items hold, per shard, and under a cap what each shard may hold: kept
+    by the `mint_queue_sale` trigger and `sale_rebalance` (migration 0010)."""
 
     __tablename__ = "sale_supply"
-    __table_args__ = (CheckConstraint("id", name="one_row"),)
+    __table_args__ = (CheckConstraint(f"shard >= 0 AND shard < {SALE_SHARDS}", name="shard"),)
 
-    id: Mapped[bool] = mapped_column(primary_key=True, server_default=text("true"))
-    reserved: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    quota: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class SaleSupplyRelease(Base):
+    """Supply an item gave back, not yet folded into its shard (that takes every shard's lock,
+    so `sale_rebalance` does it)."""
+
+    __tablename__ = "sale_supply_releases"
+
+    release_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, nullable=False)
+    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class SystemSetting(Base):

@@ -40,7 +40,7 @@ from db.models import (
     PaymentType,
     QueueStatus,
 )
-from mintq import events, positions, queue, refunds
+from mintq import events, positions, queue, refunds, sale
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
     Authorization,
@@ -118,6 +118,8 @@ def _run_as_owner(
     with minter.sessions() as session:
         positions.reconcile(minter.redis, session)
     requeue_settled_failures(minter)
+    with minter.sessions() as session, session.begin():
+        sale.fold_releases(session)
     result.replaced = replace_stuck(minter, lock)
     fill_blocks(minter, lock, result, on_mined)
     if not (result.paused or result.low_funds):

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.models import MintQueueItem, QueueStatus, SaleSupply, SystemSetting
+from db.models import MintQueueItem, QueueStatus, SaleSupply, SaleSupplyRelease, SystemSetting
 from mintq.errors import MintqError
 
 # The sale's rules, as `system_settings` keys.
@@ -113,6 +113,22 @@ def load_rules(db: Session | Connection) -> SaleRules:
     )
 
 
+def count_reserved(db: Session | Connection) -> int:
+    """Mints the held items hold: what the shards count, less what was given back since."""
+    held = db.scalar(select(func.coalesce(func.sum(SaleSupply.reserved), 0)))
+    given_back = db.scalar(select(func.coalesce(func.sum(SaleSupplyRelease.quantity), 0)))
+    return int(held or 0) - int(given_back or 0)
+
+
+def fold_releases(db: Session | Connection) -> bool:
+    """Fold supply given back into the shards, when there is any (the nonce owner's tick does
+    this; under a cap, intake also does when a shard runs short). Returns whether it did."""
+    if db.scalar(select(SaleSupplyRelease.release_id).limit(1)) is None:
+        return False
+    db.execute(select(func.sale_rebalance(None, 0)))
+    return True
+
+
 def count_sold(db: Session | Connection) -> int:
     """Mints completed: a scan of the completed items, so callers cache it."""
     return int(
@@ -128,7 +144,7 @@ def count_sold(db: Session | Connection) -> int:
 def load_state(db: Session | Connection, *, paused: bool, sold: int) -> SaleState:
     """The rules and the supply as they are now (`sold` is only shown, so it may be older)."""
     rules = load_rules(db)
-    reserved = int(db.scalar(select(SaleSupply.reserved)) or 0)
+    reserved = count_reserved(db)
     now = datetime.now(UTC)
     if rules.ends_at is not None and now >= rules.ends_at:
         state = "ended"

@@ -143,7 +143,8 @@ def clean_db(settings: Settings) -> Iterator[None]:
                 )
             )
             # TRUNCATE fires no row trigger: what the emptied queue held goes back by hand.
-            conn.execute(text("UPDATE sale_supply SET reserved = 0"))
+            conn.execute(text("UPDATE sale_supply SET reserved = 0, quota = NULL"))
+            conn.execute(text("DELETE FROM sale_supply_releases"))
         engine.dispose()
         Redis.from_url(settings.redis_url).flushdb()
 

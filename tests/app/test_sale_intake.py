@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import select, text
+from sqlalchemy import text
 from test_api import assert_error, row_count
 from x402 import PaymentPayload
 from x402.http import decode_payment_required_header, encode_payment_signature_header
 
 from app import create_app
 from conftest import PRICE, Chainside
-from db.models import MintQueueItem, SaleSupply
+from db.models import MintQueueItem
+from mintq.sale import count_reserved
 from mintq.services import Services
 from mintq.settings import Settings
 
@@ -84,7 +85,7 @@ def all_at_once(services: Services, bodies: list[dict[str, Any]]) -> list[int]:
 
 def reserved(services: Services) -> int:
     with services.sessions() as session:
-        return int(session.scalar(select(SaleSupply.reserved)) or 0)
+        return count_reserved(session)
 
 
 def test_config_shows_an_open_sale_without_limits(client: FlaskClient) -> None:

@@ -1,9 +1,9 @@
 """A sale: supply reserved at intake, a per-payer limit, a window, quantities and refunds
 
 Every item holds `quantity` mints of the supply from intake until it fails or is refunded;
-`sale_supply` (one row) counts what the held items hold. The rules are the database's own: a
-trigger on `mint_queue` reserves a new item's quantity in the same statement that inserts it,
-refusing it (SQLSTATE class MQ) outside the sale window, past `max_quantity`, past the payer's
+`sale_supply` counts what the held items hold. The rules are the database's own: a trigger on
+`mint_queue` reserves a new item's quantity in the same statement that inserts it, refusing it
+(SQLSTATE class MQ) outside the sale window, past `max_quantity`, past the payer's
 `max_per_payer` or past `max_supply`; and it gives the quantity back when an item stops holding
 it, whichever code path (or plain UPDATE) moves it. An item put back in the queue (a retry,
 money that arrived after its item failed) holds its quantity again without the rules: it is
@@ -51,11 +51,59 @@ SALE_SETTINGS = [
     ),
 ]
 
+# The supply held is counted on SHARDS rows, each item on the one its payment id hashes to, so
+# that concurrent intake does not queue on one row lock. Under a cap each shard has a quota, and
+# the quotas add up to max_supply: a shard that runs short takes spare quota from the others
+# (sale_rebalance locks every shard, in order, to move it). Supply given back is written to
+# sale_supply_releases, which takes no shard's lock (a transaction that fails many items locks
+# no shards in an order of its own), and folded into the shards by sale_rebalance.
+SHARDS = 16
+
 SALE_FUNCTION = f"""
+CREATE FUNCTION mint_queue_shard(payment_id text) RETURNS smallint
+LANGUAGE sql IMMUTABLE AS $$ SELECT (hashtext(payment_id) & {SHARDS - 1})::smallint $$;
+
+CREATE FUNCTION sale_rebalance(short_shard smallint, needed bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    cap bigint := (SELECT NULLIF(value, '')::bigint FROM system_settings
+                   WHERE key = 'max_supply');
+    spare bigint;
+    enough boolean;
+BEGIN
+    PERFORM 1 FROM sale_supply ORDER BY shard FOR UPDATE;
+    WITH gone AS (DELETE FROM sale_supply_releases RETURNING shard, quantity)
+    UPDATE sale_supply SET reserved = reserved - g.quantity
+    FROM (SELECT shard, sum(quantity) AS quantity FROM gone GROUP BY shard) AS g
+    WHERE sale_supply.shard = g.shard;
+    IF cap IS NULL THEN
+        UPDATE sale_supply SET quota = NULL;
+        RETURN true;
+    END IF;
+    spare := GREATEST(cap - (SELECT sum(reserved) FROM sale_supply), 0);
+    enough := short_shard IS NULL OR spare >= needed;
+    IF short_shard IS NOT NULL AND enough THEN
+        spare := spare - needed;
+    END IF;
+    UPDATE sale_supply SET quota = reserved + spare / {SHARDS}
+        + CASE WHEN shard < spare % {SHARDS} THEN 1 ELSE 0 END
+        + CASE WHEN enough AND shard = short_shard THEN needed ELSE 0 END;
+    RETURN enough;
+END
+$$;
+
+CREATE FUNCTION system_settings_sale() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM sale_rebalance(NULL, 0);
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION mint_queue_sale() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     held_before boolean := TG_OP = 'UPDATE' AND OLD.status IN {HOLDING};
     held_after boolean := NEW.status IN {HOLDING};
+    item_shard smallint := mint_queue_shard(NEW.payment_id);
     rules jsonb;
     payer_holds bigint;
 BEGIN
@@ -91,18 +139,22 @@ BEGIN
                 END IF;
             END IF;
             UPDATE sale_supply SET reserved = reserved + NEW.quantity
-            WHERE rules->>'max_supply' IS NULL
-               OR reserved + NEW.quantity <= (rules->>'max_supply')::bigint;
+            WHERE shard = item_shard
+              AND (quota IS NULL OR reserved + NEW.quantity <= quota);
             IF NOT FOUND THEN
-                RAISE EXCEPTION 'sold_out' USING ERRCODE = 'MQ005',
-                    DETAIL = (SELECT GREATEST((rules->>'max_supply')::bigint - reserved, 0)
-                              FROM sale_supply)::text;
+                IF NOT sale_rebalance(item_shard, NEW.quantity) THEN
+                    RAISE EXCEPTION 'sold_out' USING ERRCODE = 'MQ005',
+                        DETAIL = (SELECT sum(quota - reserved) FROM sale_supply)::text;
+                END IF;
+                UPDATE sale_supply SET reserved = reserved + NEW.quantity
+                WHERE shard = item_shard;
             END IF;
         ELSE
-            UPDATE sale_supply SET reserved = reserved + NEW.quantity;
+            UPDATE sale_supply SET reserved = reserved + NEW.quantity
+            WHERE shard = item_shard;
         END IF;
-    ELSIF held_before AND NOT held_after THEN
-        UPDATE sale_supply SET reserved = reserved - OLD.quantity;
+    ELSIF held_before AND NOT held_after AND OLD.quantity > 0 THEN
+        INSERT INTO sale_supply_releases (shard, quantity) VALUES (item_shard, OLD.quantity);
     END IF;
     RETURN NULL;
 END
@@ -193,16 +245,20 @@ def upgrade() -> None:
 
     op.create_table(
         "sale_supply",
-        sa.Column("id", sa.Boolean, nullable=False, server_default=sa.true()),
-        sa.Column("reserved", sa.BigInteger, nullable=False),
-        sa.CheckConstraint("id", name=op.f("ck_sale_supply_one_row")),
-        sa.PrimaryKeyConstraint("id", name="pk_sale_supply"),
+        sa.Column("shard", sa.SmallInteger, nullable=False),
+        sa.Column("reserved", sa.BigInteger, nullable=False, server_default="0"),
+        # Under a cap, what this shard may hold; NULL: no cap.
+        sa.Column("quota", sa.BigInteger),
+        sa.CheckConstraint(f"shard >= 0 AND shard < {SHARDS}", name=op.f("ck_sale_supply_shard")),
+        sa.PrimaryKeyConstraint("shard", name="pk_sale_supply"),
     )
-    op.execute(
-        f"INSERT INTO sale_supply (reserved) SELECT COALESCE(sum(quantity), 0) FROM mint_queue "
-        f"WHERE status IN {HOLDING}"
+    op.create_table(
+        "sale_supply_releases",
+        sa.Column("release_id", sa.BigInteger, sa.Identity(), nullable=False),
+        sa.Column("shard", sa.SmallInteger, nullable=False),
+        sa.Column("quantity", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("release_id", name="pk_sale_supply_releases"),
     )
-
     settings = sa.table(
         "system_settings",
         sa.column("key", sa.String),
@@ -229,6 +285,16 @@ def upgrade() -> None:
         "event IN ('completed', 'failed', 'refunded')",
     )
     op.execute(SALE_FUNCTION)
+    op.execute(
+        f"INSERT INTO sale_supply (shard, reserved) SELECT s, COALESCE(("
+        f"SELECT sum(quantity) FROM mint_queue WHERE status IN {HOLDING} "
+        f"AND mint_queue_shard(payment_id) = s), 0) FROM generate_series(0, {SHARDS - 1}) AS s"
+    )
+    op.execute(
+        "CREATE TRIGGER trg_system_settings_sale AFTER INSERT OR UPDATE OF value "
+        "ON system_settings FOR EACH ROW WHEN (NEW.key = 'max_supply') "
+        "EXECUTE FUNCTION system_settings_sale()"
+    )
     op.execute(REFUND_FUNCTION)
     op.execute(
         "CREATE TRIGGER trg_mint_queue_refund_owed BEFORE INSERT OR UPDATE OF status "
@@ -283,10 +349,15 @@ def downgrade() -> None:
     op.execute("DROP FUNCTION mint_queue_refund_owed()")
     op.execute("DROP TRIGGER trg_mint_queue_sale ON mint_queue")
     op.execute("DROP FUNCTION mint_queue_sale()")
+    op.execute("DROP TRIGGER trg_system_settings_sale ON system_settings")
+    op.execute("DROP FUNCTION system_settings_sale()")
+    op.execute("DROP FUNCTION sale_rebalance(smallint, bigint)")
+    op.execute("DROP FUNCTION mint_queue_shard(text)")
     for key, _, _, _ in SALE_SETTINGS:
         op.drop_constraint(op.f(f"ck_system_settings_{key}"), "system_settings", type_="check")
     keys = ", ".join(f"'{k}'" for k, _, _, _ in SALE_SETTINGS)
     op.execute(f"DELETE FROM system_settings WHERE key IN ({keys})")
+    op.drop_table("sale_supply_releases")
     op.drop_table("sale_supply")
     op.drop_constraint(op.f("ck_batch_mints_kind"), "batch_mints", type_="check")
     op.drop_column("batch_mints", "kind")
