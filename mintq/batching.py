@@ -411,13 +411,11 @@ def fill_blocks(
                     result.more = True
                     return
                 if due and prepared is None:
-                    # No room until the chain mines: have the next batch ready by then.
-                    prepared = prepare_batch(
-                        minter, ops, shape=shape, model=model, simulate=simulate
-                    )
+                    # No room until the chain mines: have the next batch ready by then, and
+                    # simulated here rather than after the block, when every moment counts
+                    # (sent first after the block, it is that block's simulated batch).
+                    prepared = prepare_batch(minter, ops, shape=shape, model=model, simulate=True)
                     if prepared is not None:
-                        if prepared.simulated:
-                            simulated_at = now.mined_nonce
                         continue
                 # Our batches wait for the chain: wake when it mines (or a block's time passes).
                 _wait_for_mining(minter, now.mined_nonce, min(left, max(shape.block_seconds, 0.2)))
