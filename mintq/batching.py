@@ -28,7 +28,7 @@ from redis import RedisError
 from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 from web3.exceptions import ContractLogicError, Web3RPCError
-from web3.types import Nonce, TxParams, Wei
+from web3.types import TxParams
 
 from db.models import (
     BATCH_IN_FLIGHT,
@@ -57,14 +57,10 @@ from mintq.wallet import (
     NonceLock,
     broadcast,
     crash_point,
-    ensure_funds,
-    market_fees,
-    read_wallet,
     receipt_of_any,
     reconcile,
     replace_stuck,
-    sign_and_record,
-    take_nonce,
+    sign_batch,
     transactions_of,
 )
 
@@ -630,50 +626,28 @@ def send_prepared(minter: Minter, lock: NonceLock, prepared: PreparedBatch) -> u
 
     Raises LowFunds (items stay pending) when the wallet cannot pay for it.
     """
-    chain = minter.chain
     session, items, gas_limit, clock = (
         prepared.session, prepared.items, prepared.gas_limit, prepared.clock
     )  # fmt: skip
     clock.restart()  # a batch prepared ahead waited for room: not part of its sending
     try:
-        reads = read_wallet(minter)
-        fees = market_fees(chain, reads)
-        ensure_funds(minter, gas_limit * fees.max_fee, reads)
-        wallet = take_nonce(minter, session, reads.pending_nonce if reads else None)
-        clock.lap("fees_funds_nonce")
-        params: TxParams = {
-            "from": minter.account.address,
-            "to": chain.token.address,
-            "value": Wei(0),
-            "data": HexBytes(prepared.data),
-            "chainId": chain.chain_id,
-            "nonce": Nonce(wallet.next_nonce),
-            "gas": gas_limit,
-            "maxFeePerGas": Wei(fees.max_fee),
-            "maxPriorityFeePerGas": Wei(fees.priority),
-        }
-        batch_id = uuid.uuid4()
-        batch = BatchMint(
-            batch_id=batch_id,
-            nonce=wallet.next_nonce,
-            size=len(items),
+        batch = sign_batch(
+            minter,
+            lock,
+            session,
+            data=prepared.data,
             gas_limit=gas_limit,
-            max_fee_per_gas=fees.max_fee,
-            max_priority_fee_per_gas=fees.priority,
-            status="signed",
+            size=len(items),
+            kind=BatchKind.MINT,
+            on_funded=lambda: clock.lap("fees_funds_nonce"),
         )
-        session.add(batch)
-        # Flushed together with the batch row (which goes first): one INSERT each.
-        tx = sign_and_record(minter, session, lock, params, kind="batch", batch_id=batch_id)
-        batch.tx_hash, batch.raw_tx = tx.tx_hash, tx.raw_tx
+        batch_id, tx_hash = batch.batch_id, batch.tx_hash
         # One statement for the whole batch (the ORM would flush an UPDATE per item).
         session.execute(
             update(MintQueueItem)
             .where(MintQueueItem.queue_id.in_([i.queue_id for i in items]))
             .values(status="processing", batch_id=batch_id, error=None)
         )
-        wallet.next_nonce += 1
-        tx_hash = tx.tx_hash
         changed = events.changes(items)
         clock.lap("sign")
         session.commit()

@@ -27,9 +27,8 @@ from hexbytes import HexBytes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from web3.exceptions import ContractLogicError
-from web3.types import Nonce, TxParams, Wei
 
-from db.models import BatchKind, BatchMint, BatchStatus, MintQueueItem, RefundStatus
+from db.models import BatchKind, MintQueueItem, RefundStatus
 from mintq import events
 from mintq.chain import Chain, load_artifact
 from mintq.eip3009 import (
@@ -44,10 +43,7 @@ from mintq.wallet import (
     NonceLock,
     broadcast,
     crash_point,
-    ensure_funds,
-    market_fees,
-    sign_and_record,
-    take_nonce,
+    sign_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -158,54 +154,41 @@ def send_refunds(minter: Minter, lock: NonceLock) -> uuid.UUID | None:
             item.refund_valid_before = datetime.fromtimestamp(
                 refund.authorization.valid_before, UTC
             )
-        call = chain.token.functions.batchRefund(chain.usdc.address, [r.row() for r in signed])
+        data = bytes.fromhex(
+            chain.token.encode_abi(
+                "batchRefund", args=[chain.usdc.address, [r.row() for r in signed]]
+            ).removeprefix("0x")
+        )
         try:
-            gas = chain.call(lambda: call.estimate_gas({"from": minter.account.address}))
+            gas = chain.call(
+                lambda: chain.w3.eth.estimate_gas(
+                    {
+                        "from": minter.account.address,
+                        "to": chain.token.address,
+                        "data": HexBytes(data),
+                    }
+                )
+            )
         except ContractLogicError as exc:
             log.error("refund batch would revert; refunds wait: %s", exc)
             return None
-        gas_limit = int(gas * minter.settings.gas_limit_multiplier)
-        fees = market_fees(chain)
-        ensure_funds(minter, gas_limit * fees.max_fee)
-        wallet = take_nonce(minter, session)
-        params: TxParams = call.build_transaction(
-            {
-                "from": minter.account.address,
-                "chainId": chain.chain_id,
-                "nonce": Nonce(wallet.next_nonce),
-                "gas": gas_limit,
-                "maxFeePerGas": Wei(fees.max_fee),
-                "maxPriorityFeePerGas": Wei(fees.priority),
-            }
+        batch = sign_batch(
+            minter,
+            lock,
+            session,
+            data=data,
+            gas_limit=int(gas * minter.settings.gas_limit_multiplier),
+            size=len(affordable),
+            kind=BatchKind.REFUND,
         )
-        batch_id = uuid.uuid4()
-        session.add(
-            BatchMint(
-                batch_id=batch_id,
-                kind=BatchKind.REFUND,
-                nonce=wallet.next_nonce,
-                tx_hash="",
-                raw_tx="",
-                size=len(affordable),
-                gas_limit=gas_limit,
-                max_fee_per_gas=fees.max_fee,
-                max_priority_fee_per_gas=fees.priority,
-                status=BatchStatus.SIGNED,
-            )
-        )
-        session.flush()
-        tx = sign_and_record(minter, session, lock, params, kind="batch", batch_id=batch_id)
-        batch = session.get(BatchMint, batch_id)
-        assert batch is not None
-        batch.tx_hash, batch.raw_tx = tx.tx_hash, tx.raw_tx
+        batch_id, tx_hash = batch.batch_id, batch.tx_hash
         for item in affordable:
             item.refund_status = RefundStatus.SENT
             item.refund_batch_id = batch_id
-        wallet.next_nonce += 1
         changed = events.changes(affordable)
     events.announce(minter.redis, changed)
     crash_point("after_refund_write_ahead")
-    broadcast(minter, lock, tx.tx_hash)
+    broadcast(minter, lock, tx_hash)
     return batch_id
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -521,3 +522,57 @@ def receipt_of_any(minter: Minter, tx_hashes: list[str]) -> dict[str, Any] | Non
             for entry in raw["logs"]
         ],
     }
+
+
+def sign_batch(
+    minter: Minter,
+    lock: NonceLock,
+    session: Session,
+    *,
+    data: bytes,
+    gas_limit: int,
+    size: int,
+    kind: str,
+    on_funded: Callable[[], None] | None = None,
+) -> BatchMint:
+    """Sign a call of the token with `data` at the wallet's next nonce, and record it with its
+    batch row in `session` (the caller commits: that is the write-ahead, before any broadcast).
+
+    The one way mint batches and refund batches become transactions, so both get the same
+    fencing, fees, low-funds check, replacement and reconciliation. Raises LowFunds when the
+    wallet cannot pay for it; `on_funded` is called once fees, funds and nonce are settled.
+    """
+    chain = minter.chain
+    reads = read_wallet(minter)
+    fees = market_fees(chain, reads)
+    ensure_funds(minter, gas_limit * fees.max_fee, reads)
+    wallet = take_nonce(minter, session, reads.pending_nonce if reads else None)
+    if on_funded is not None:
+        on_funded()
+    params: TxParams = {
+        "from": minter.account.address,
+        "to": chain.token.address,
+        "value": Wei(0),
+        "data": HexBytes(data),
+        "chainId": chain.chain_id,
+        "nonce": Nonce(wallet.next_nonce),
+        "gas": gas_limit,
+        "maxFeePerGas": Wei(fees.max_fee),
+        "maxPriorityFeePerGas": Wei(fees.priority),
+    }
+    batch = BatchMint(
+        batch_id=uuid.uuid4(),
+        kind=kind,
+        nonce=wallet.next_nonce,
+        size=size,
+        gas_limit=gas_limit,
+        max_fee_per_gas=fees.max_fee,
+        max_priority_fee_per_gas=fees.priority,
+        status="signed",
+    )
+    session.add(batch)
+    # Flushed together with the batch row (which goes first): one INSERT each.
+    tx = sign_and_record(minter, session, lock, params, kind="batch", batch_id=batch.batch_id)
+    batch.tx_hash, batch.raw_tx = tx.tx_hash, tx.raw_tx
+    wallet.next_nonce += 1
+    return batch
