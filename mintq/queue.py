@@ -124,18 +124,35 @@ def enqueue(
         "status": QueueStatus.PENDING if payment.quantity else QueueStatus.REFUNDED,
         "error": None if payment.quantity else refund_reason,
     }
-    try:
-        row = _one(db, _INSERT, values)
-    except DBAPIError as exc:
-        refused = sale.refusal(exc)
-        if refused is None:
-            raise
-        raise refused from None
+    row = _insert(db, values, payment.quantity)
     if row is not None:
         return row, True
     row = find(db, payment.payment_id)
     assert row is not None  # the conflicting writer committed it
     return row, False
+
+
+def _insert(db: Session | Connection, values: dict[str, Any], quantity: int) -> ItemRow | None:
+    """The insert, as the sale's trigger lets it through: a shard of the supply that runs short
+    is rebalanced in a transaction of its own (`sale.rebalance`), and the insert tried again."""
+    # Each retry follows a rebalance that lent the shard what it lacked: another insert on
+    # the same shard can take it first, so a few may be needed under contention.
+    for _ in range(16):
+        try:
+            if isinstance(db, Session):
+                with db.begin_nested():  # a refused insert leaves the caller's transaction
+                    return _one(db, _INSERT, values)
+            return _one(db, _INSERT, values)
+        except DBAPIError as exc:
+            short = sale.short_shard(exc)
+            if short is None:
+                refused = sale.refusal(exc)
+                if refused is None:
+                    raise
+                raise refused from None
+            if not sale.rebalance(db, short, quantity):
+                raise sale.sold_out(db) from None
+    raise sale.sold_out(db)
 
 
 _REQUEUE_PAID = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import BigInteger, Connection, Engine, SmallInteger, cast, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -180,6 +180,34 @@ _DETAIL_NAMES = {
     "MQ004": "held",
     "MQ005": "remaining",
 }
+
+
+def short_shard(exc: DBAPIError) -> int | None:
+    """The shard an insert found short of quota (SQLSTATE MQ006), or None."""
+    if getattr(exc.orig, "pgcode", None) != "MQ006":
+        return None
+    return int(getattr(getattr(exc.orig, "diag", None), "message_detail", 0) or 0)
+
+
+def rebalance(db: Session | Connection, shard: int, quantity: int) -> bool:
+    """Move spare quota to `shard` so that it can take `quantity`, in a transaction of its own
+    (the caller's may hold a shard's lock); False when the supply left is less."""
+    with _engine(db).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        rebalanced = func.sale_rebalance(cast(shard, SmallInteger), cast(quantity, BigInteger))
+        return bool(connection.scalar(select(rebalanced)))
+
+
+def _engine(db: Session | Connection) -> Engine:
+    bind = db.get_bind() if isinstance(db, Session) else db
+    return bind.engine
+
+
+def sold_out(db: Session | Connection) -> SaleRefusal:
+    name, message = _REFUSALS["MQ005"]
+    spare_quota = func.coalesce(func.sum(SaleSupply.quota - SaleSupply.reserved), 0)
+    with _engine(db).connect() as connection:
+        spare = connection.scalar(select(spare_quota))
+    return SaleRefusal(message, code=name, details={"remaining": str(max(int(spare or 0), 0))})
 
 
 def refusal(exc: DBAPIError) -> SaleRefusal | None:

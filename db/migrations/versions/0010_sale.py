@@ -69,8 +69,12 @@ DECLARE
     cap bigint := (SELECT NULLIF(value, '')::bigint FROM system_settings
                    WHERE key = 'max_supply');
     spare bigint;
-    enough boolean;
+    lacking bigint;
+    lender record;
+    lent bigint;
 BEGIN
+    -- One rebalance at a time, then every shard in order.
+    PERFORM pg_advisory_xact_lock(hashtext('mintq.sale_rebalance'));
     PERFORM 1 FROM sale_supply ORDER BY shard FOR UPDATE;
     WITH gone AS (DELETE FROM sale_supply_releases RETURNING shard, quantity)
     UPDATE sale_supply SET reserved = reserved - g.quantity
@@ -80,15 +84,39 @@ BEGIN
         UPDATE sale_supply SET quota = NULL;
         RETURN true;
     END IF;
-    spare := GREATEST(cap - (SELECT sum(reserved) FROM sale_supply), 0);
-    enough := short_shard IS NULL OR spare >= needed;
-    IF short_shard IS NOT NULL AND enough THEN
-        spare := spare - needed;
+    IF short_shard IS NULL OR EXISTS (SELECT 1 FROM sale_supply WHERE quota IS NULL) THEN
+        -- The cap changed (or was just set): share what is left evenly.
+        spare := GREATEST(cap - (SELECT sum(reserved) FROM sale_supply), 0);
+        UPDATE sale_supply SET quota = reserved + spare / {SHARDS}
+            + CASE WHEN shard < spare % {SHARDS} THEN 1 ELSE 0 END;
+        IF short_shard IS NULL THEN
+            RETURN true;
+        END IF;
     END IF;
-    UPDATE sale_supply SET quota = reserved + spare / {SHARDS}
-        + CASE WHEN shard < spare % {SHARDS} THEN 1 ELSE 0 END
-        + CASE WHEN enough AND shard = short_shard THEN needed ELSE 0 END;
-    RETURN enough;
+    -- Lend the short shard what it lacks, from the quota no shard holds and then from the
+    -- shards with the most unused quota; quota another shard is using stays where it is.
+    lacking := needed - (SELECT quota - reserved FROM sale_supply WHERE shard = short_shard);
+    IF lacking <= 0 THEN
+        RETURN true;
+    END IF;
+    IF needed > cap - (SELECT sum(reserved) FROM sale_supply) THEN
+        RETURN false;  -- less is left than the insert needs
+    END IF;
+    spare := GREATEST(cap - (SELECT sum(quota) FROM sale_supply), 0);
+    lent := LEAST(spare, lacking);
+    lacking := lacking - lent;
+    FOR lender IN
+        SELECT shard, quota - reserved AS unused FROM sale_supply
+        WHERE shard <> short_shard AND quota > reserved ORDER BY quota - reserved DESC, shard
+    LOOP
+        EXIT WHEN lacking <= 0;
+        UPDATE sale_supply SET quota = quota - LEAST(lender.unused, lacking)
+        WHERE shard = lender.shard;
+        lent := lent + LEAST(lender.unused, lacking);
+        lacking := lacking - LEAST(lender.unused, lacking);
+    END LOOP;
+    UPDATE sale_supply SET quota = quota + lent WHERE shard = short_shard;
+    RETURN lacking <= 0;
 END
 $$;
 
@@ -142,12 +170,11 @@ BEGIN
             WHERE shard = item_shard
               AND (quota IS NULL OR reserved + NEW.quantity <= quota);
             IF NOT FOUND THEN
-                IF NOT sale_rebalance(item_shard, NEW.quantity) THEN
-                    RAISE EXCEPTION 'sold_out' USING ERRCODE = 'MQ005',
-                        DETAIL = (SELECT sum(quota - reserved) FROM sale_supply)::text;
-                END IF;
-                UPDATE sale_supply SET reserved = reserved + NEW.quantity
-                WHERE shard = item_shard;
+                -- The shard is short: the caller rebalances in a transaction of its own and
+                -- tries again. Not here: an UPDATE that waited for the row and then found it
+                -- short still holds its lock, and sale_rebalance must lock every shard.
+                RAISE EXCEPTION 'shard_short' USING ERRCODE = 'MQ006',
+                    DETAIL = item_shard::text;
             END IF;
         ELSE
             UPDATE sale_supply SET reserved = reserved + NEW.quantity
